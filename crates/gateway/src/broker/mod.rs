@@ -1,0 +1,163 @@
+//! How nodes reach each other: the embedded broker (one node, nothing to reach) or Redis Pub/Sub.
+//!
+//! Either way, a node delivers to its own clients itself, at once; the broker only carries
+//! messages to the other nodes. So the embedded broker has nothing to carry, and is always ready.
+
+mod redis;
+
+use std::sync::Arc;
+
+use thiserror::Error;
+
+pub use self::redis::{RedisBroker, RedisSettings};
+
+/// Receives what other nodes and backends publish.
+pub trait Inbound: Send + Sync + 'static {
+    /// One message from Redis. Must not wait on anything: it runs on the Redis read loop.
+    fn on_message(&self, topic: &str, payload: &[u8]);
+}
+
+#[derive(Debug, Error)]
+pub enum BrokerError {
+    #[error("broker unavailable")]
+    Unavailable,
+    #[error("broker timed out")]
+    Timeout,
+    #[error("redis: {0}")]
+    Redis(String),
+}
+
+/// Names of the Redis channels of one cluster, under its prefix.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    channel: String,
+    user: String,
+    node: String,
+    broadcast: String,
+    control: String,
+}
+
+/// A Redis channel name, read back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic<'a> {
+    Channel(&'a str),
+    User(&'a str),
+    Node(&'a str),
+    Broadcast,
+    Control,
+}
+
+impl Topics {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            channel: format!("{prefix}:ch:"),
+            user: format!("{prefix}:user:"),
+            node: format!("{prefix}:node:"),
+            broadcast: format!("{prefix}:broadcast"),
+            control: format!("{prefix}:control"),
+        }
+    }
+
+    pub fn channel(&self, name: &str) -> String {
+        format!("{}{name}", self.channel)
+    }
+
+    pub fn user(&self, name: &str) -> String {
+        format!("{}{name}", self.user)
+    }
+
+    pub fn node(&self, id: &str) -> String {
+        format!("{}{id}", self.node)
+    }
+
+    pub fn broadcast(&self) -> &str {
+        &self.broadcast
+    }
+
+    pub fn control(&self) -> &str {
+        &self.control
+    }
+
+    pub fn parse<'a>(&self, topic: &'a str) -> Option<Topic<'a>> {
+        if let Some(name) = topic.strip_prefix(&self.channel) {
+            Some(Topic::Channel(name))
+        } else if let Some(name) = topic.strip_prefix(&self.user) {
+            Some(Topic::User(name))
+        } else if let Some(id) = topic.strip_prefix(&self.node) {
+            Some(Topic::Node(id))
+        } else if topic == self.broadcast {
+            Some(Topic::Broadcast)
+        } else if topic == self.control {
+            Some(Topic::Control)
+        } else {
+            None
+        }
+    }
+}
+
+/// The node's broker.
+pub enum Broker {
+    Embedded,
+    Redis(Arc<RedisBroker>),
+}
+
+impl Broker {
+    /// Whether messages published now reach the other nodes.
+    pub fn is_ready(&self) -> bool {
+        match self {
+            Self::Embedded => true,
+            Self::Redis(r) => r.is_ready(),
+        }
+    }
+
+    /// Holds a subscription to `topic` and returns once it is active. Fails at once while the
+    /// broker is down, and after the broker timeout; then nothing is held.
+    pub async fn subscribe(&self, topic: &str) -> Result<(), BrokerError> {
+        match self {
+            Self::Embedded => Ok(()),
+            Self::Redis(r) => r.subscribe(topic).await,
+        }
+    }
+
+    /// Holds a subscription to `topic` whatever the broker's state; waits for it only while
+    /// the broker is up. Used for a connection's user topic, which must not refuse connections
+    /// during a Redis outage: it becomes active when Redis returns.
+    pub async fn hold(&self, topic: &str) {
+        if let Self::Redis(r) = self {
+            r.hold(topic).await;
+        }
+    }
+
+    /// Drops one hold on `topic`; the last one unsubscribes.
+    pub fn release(&self, topic: &str) {
+        if let Self::Redis(r) = self {
+            r.release(topic);
+        }
+    }
+
+    /// Sends `payload` to the other nodes.
+    pub async fn publish(&self, topic: &str, payload: &[u8]) -> Result<(), BrokerError> {
+        match self {
+            Self::Embedded => Ok(()),
+            Self::Redis(r) => r.publish(topic, payload).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_round_trip() {
+        let t = Topics::new("pg");
+        assert_eq!(t.channel("room:1"), "pg:ch:room:1");
+        assert_eq!(t.parse("pg:ch:room:1"), Some(Topic::Channel("room:1")));
+        assert_eq!(t.parse(&t.user("alice")), Some(Topic::User("alice")));
+        assert_eq!(t.parse(&t.node("n1")), Some(Topic::Node("n1")));
+        assert_eq!(t.parse("pg:broadcast"), Some(Topic::Broadcast));
+        assert_eq!(t.parse("pg:control"), Some(Topic::Control));
+        assert_eq!(t.parse("other:ch:x"), None);
+        assert_eq!(t.parse("pg:broadcastx"), None);
+    }
+}

@@ -1,0 +1,400 @@
+//! Redis Pub/Sub: one pooled set of connections for PUBLISH, one dedicated connection for
+//! SUBSCRIBE.
+//!
+//! Subscriptions are reconciled, not commanded: sessions take and drop holds on topics
+//! (reference counts), and one task brings the Redis connection's subscriptions in line with
+//! the topics that have holds. After a reconnect the same pass resubscribes everything, and
+//! bursts of subscribe/unsubscribe churn collapse into a few batched commands.
+//!
+//! A subscription can die silently (a proxy that stops forwarding, a paused server). The node
+//! sends itself a probe on its own topic every probe interval; a probe not seen back by the
+//! next one tears the connection down and starts again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
+use futures_util::StreamExt;
+use pushgate_protocol::NodeMessage;
+use redis::aio::PubSubSink;
+use tokio::sync::{Notify, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{BrokerError, Inbound, Topics};
+use crate::metrics::Metrics;
+
+/// Most channels named in one SUBSCRIBE or UNSUBSCRIBE.
+const BATCH: usize = 500;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+pub struct RedisSettings {
+    pub url: String,
+    pub topics: Topics,
+    pub node_id: String,
+    /// Bound on every Redis command and subscription wait.
+    pub timeout: Duration,
+    pub probe_interval: Duration,
+}
+
+#[derive(Default)]
+struct Entry {
+    holds: usize,
+    /// Subscribed on the current connection.
+    active: bool,
+    waiters: Vec<oneshot::Sender<()>>,
+}
+
+pub struct RedisBroker {
+    client: redis::Client,
+    pool: Pool,
+    node_topic: String,
+    timeout: Duration,
+    probe_interval: Duration,
+    wanted: Mutex<HashMap<String, Entry>>,
+    changed: Notify,
+    ready: AtomicBool,
+    probe_seen: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+impl RedisBroker {
+    /// Starts the subscriber task. It runs until `shutdown`, reconnecting as needed.
+    pub fn start(
+        settings: RedisSettings,
+        inbound: Weak<dyn Inbound>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, BrokerError> {
+        let client = redis::Client::open(settings.url.as_str())
+            .map_err(|e| BrokerError::Redis(format!("invalid URL: {e}")))?;
+        let mut config = deadpool_redis::Config::from_url(settings.url.as_str());
+        config.pool = Some(PoolConfig {
+            max_size: 32,
+            timeouts: Timeouts {
+                wait: Some(settings.timeout),
+                create: Some(settings.timeout),
+                recycle: Some(settings.timeout),
+            },
+            ..PoolConfig::default()
+        });
+        let pool = config
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|e| BrokerError::Redis(e.to_string()))?;
+        let broker = Arc::new(Self {
+            client,
+            pool,
+            node_topic: settings.topics.node(&settings.node_id),
+            timeout: settings.timeout,
+            probe_interval: settings.probe_interval,
+            wanted: Mutex::default(),
+            changed: Notify::new(),
+            ready: AtomicBool::new(false),
+            probe_seen: AtomicU64::new(0),
+            metrics,
+        });
+        // The node's permanent topics.
+        for topic in [
+            settings.topics.broadcast(),
+            settings.topics.control(),
+            &broker.node_topic,
+        ] {
+            broker.take_hold(topic);
+        }
+        tokio::spawn(broker.clone().supervise(inbound, shutdown));
+        Ok(broker)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    fn wanted(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.wanted.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a hold; returns a receiver that fires once the topic is active, or `None` if it is.
+    fn take_hold(&self, topic: &str) -> Option<oneshot::Receiver<()>> {
+        let mut wanted = self.wanted();
+        let entry = match wanted.get_mut(topic) {
+            Some(e) => e,
+            None => wanted.entry(topic.to_owned()).or_default(),
+        };
+        entry.holds += 1;
+        if entry.active {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        entry.waiters.push(tx);
+        drop(wanted);
+        self.changed.notify_one();
+        Some(rx)
+    }
+
+    pub async fn subscribe(&self, topic: &str) -> Result<(), BrokerError> {
+        if !self.is_ready() {
+            return Err(BrokerError::Unavailable);
+        }
+        let Some(active) = self.take_hold(topic) else {
+            return Ok(());
+        };
+        match tokio::time::timeout(self.timeout, active).await {
+            Ok(Ok(())) => Ok(()),
+            _ => {
+                self.release(topic);
+                Err(BrokerError::Timeout)
+            }
+        }
+    }
+
+    pub async fn hold(&self, topic: &str) {
+        if let Some(active) = self.take_hold(topic)
+            && self.is_ready()
+        {
+            let _ = tokio::time::timeout(self.timeout, active).await;
+        }
+    }
+
+    pub fn release(&self, topic: &str) {
+        let mut wanted = self.wanted();
+        if let Some(entry) = wanted.get_mut(topic) {
+            entry.holds = entry.holds.saturating_sub(1);
+            if entry.holds == 0 {
+                drop(wanted);
+                self.changed.notify_one();
+            }
+        }
+    }
+
+    pub async fn publish(&self, topic: &str, payload: &[u8]) -> Result<(), BrokerError> {
+        let started = Instant::now();
+        let publish = async {
+            let mut conn = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| BrokerError::Redis(e.to_string()))?;
+            redis::cmd("PUBLISH")
+                .arg(topic)
+                .arg(payload)
+                .query_async::<i64>(&mut conn)
+                .await
+                .map_err(|e| BrokerError::Redis(e.to_string()))
+        };
+        let result = match tokio::time::timeout(self.timeout, publish).await {
+            Ok(r) => r.map(drop),
+            Err(_) => Err(BrokerError::Timeout),
+        };
+        self.metrics
+            .redis_publish_seconds
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// Connects, serves one connection until it fails, and again, until shutdown.
+    async fn supervise(self: Arc<Self>, inbound: Weak<dyn Inbound>, shutdown: CancellationToken) {
+        let mut backoff = BACKOFF_MIN;
+        let mut connected_before = false;
+        loop {
+            let connect = tokio::time::timeout(self.timeout, self.client.get_async_pubsub());
+            let pubsub = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = connect => r,
+            };
+            match pubsub {
+                Ok(Ok(pubsub)) => {
+                    if connected_before {
+                        info!("redis subscriber reconnected");
+                    }
+                    connected_before = true;
+                    backoff = BACKOFF_MIN;
+                    self.metrics.redis_reconnects.inc();
+                    self.serve(pubsub, &inbound, &shutdown).await;
+                    self.mark_down();
+                    if shutdown.is_cancelled() {
+                        return;
+                    }
+                }
+                Ok(Err(e)) => warn!(error = %e, "redis subscriber cannot connect"),
+                Err(_) => warn!("redis subscriber connect timed out"),
+            }
+            // Full jitter, so that a cluster does not reconnect in lockstep.
+            let pause = backoff.mul_f64(rand_fraction());
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    fn mark_down(&self) {
+        if self.ready.swap(false, Ordering::AcqRel) {
+            warn!("redis subscription lost; local delivery continues");
+        }
+        self.metrics.redis_up.set(0);
+        let mut wanted = self.wanted();
+        wanted.retain(|_, e| {
+            e.active = false;
+            e.holds > 0
+        });
+        self.metrics.redis_subscriptions.set(0);
+    }
+
+    /// Runs one connection: the read loop, the reconciler and the liveness probe.
+    async fn serve(
+        self: &Arc<Self>,
+        pubsub: redis::aio::PubSub,
+        inbound: &Weak<dyn Inbound>,
+        shutdown: &CancellationToken,
+    ) {
+        let (sink, mut stream) = pubsub.split();
+        let reader = async {
+            while let Some(msg) = stream.next().await {
+                self.on_message(msg.get_channel_name(), msg.get_payload_bytes(), inbound);
+            }
+            warn!("redis subscriber connection closed");
+        };
+        let reconciler = async {
+            let mut sink = sink;
+            let mut first = true;
+            loop {
+                if let Err(e) = self.reconcile(&mut sink).await {
+                    warn!(error = %e, "redis subscribe failed");
+                    return;
+                }
+                if first {
+                    first = false;
+                    self.ready.store(true, Ordering::Release);
+                    self.metrics.redis_up.set(1);
+                    info!("redis subscription ready");
+                }
+                self.changed.notified().await;
+            }
+        };
+        let prober = self.probe_loop();
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = reader => {}
+            _ = reconciler => {}
+            _ = prober => {}
+        }
+    }
+
+    fn on_message(&self, topic: &str, payload: &[u8], inbound: &Weak<dyn Inbound>) {
+        if topic == self.node_topic
+            && let Ok(NodeMessage::Probe { nonce }) = NodeMessage::decode(payload)
+        {
+            if let Ok(n) = nonce.parse::<u64>() {
+                self.probe_seen.fetch_max(n, Ordering::AcqRel);
+            }
+            return;
+        }
+        if let Some(inbound) = inbound.upgrade() {
+            inbound.on_message(topic, payload);
+        }
+    }
+
+    /// Returns when a probe was not seen back in time.
+    async fn probe_loop(&self) {
+        let mut interval = tokio::time::interval(self.probe_interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval.tick().await;
+        let mut sent = None::<u64>;
+        loop {
+            interval.tick().await;
+            if let Some(n) = sent
+                && self.probe_seen.load(Ordering::Acquire) < n
+            {
+                self.metrics.redis_probe_failures.inc();
+                warn!(
+                    "redis liveness probe not received within {:?}; reconnecting",
+                    self.probe_interval
+                );
+                return;
+            }
+            let n = unix_nanos();
+            let probe = NodeMessage::Probe {
+                nonce: n.to_string().into(),
+            };
+            match self.publish(&self.node_topic, &probe.encode()).await {
+                Ok(()) => sent = Some(n),
+                Err(e) => {
+                    self.metrics.redis_probe_failures.inc();
+                    warn!(error = %e, "redis liveness probe could not be sent; reconnecting");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Brings the connection's subscriptions in line with the holds, until nothing is left to do.
+    async fn reconcile(&self, sink: &mut PubSubSink) -> Result<(), BrokerError> {
+        loop {
+            let (mut subscribe, mut unsubscribe) = (Vec::new(), Vec::new());
+            {
+                let mut wanted = self.wanted();
+                wanted.retain(|topic, e| {
+                    if e.holds == 0 && !e.active {
+                        return false;
+                    }
+                    if e.holds > 0 && !e.active {
+                        subscribe.push(topic.clone());
+                    } else if e.holds == 0 && e.active {
+                        // Inactive from now, so that a new hold waits for a fresh SUBSCRIBE.
+                        e.active = false;
+                        unsubscribe.push(topic.clone());
+                    }
+                    true
+                });
+            }
+            if subscribe.is_empty() && unsubscribe.is_empty() {
+                let count = self.wanted().values().filter(|e| e.active).count();
+                self.metrics.redis_subscriptions.set(count as i64);
+                return Ok(());
+            }
+            for batch in unsubscribe.chunks(BATCH) {
+                debug!(count = batch.len(), "redis unsubscribe");
+                self.command(sink.unsubscribe(batch)).await?;
+            }
+            for batch in subscribe.chunks(BATCH) {
+                debug!(count = batch.len(), "redis subscribe");
+                self.command(sink.subscribe(batch)).await?;
+                let mut wanted = self.wanted();
+                for topic in batch {
+                    if let Some(e) = wanted.get_mut(topic) {
+                        e.active = true;
+                        for w in e.waiters.drain(..) {
+                            let _ = w.send(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn command(
+        &self,
+        f: impl Future<Output = redis::RedisResult<()>>,
+    ) -> Result<(), BrokerError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(r) => r.map_err(|e| BrokerError::Redis(e.to_string())),
+            Err(_) => Err(BrokerError::Timeout),
+        }
+    }
+}
+
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// A number in [0, 1) that differs between nodes and calls; good enough for backoff jitter.
+fn rand_fraction() -> f64 {
+    let bits = uuid::Uuid::new_v4().as_u128() as u64;
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}

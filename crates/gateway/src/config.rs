@@ -1,0 +1,284 @@
+//! Command line and environment. Every flag of `serve` has a `PUSHGATE_*` variable.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pushgate",
+    version,
+    about = "A horizontally scalable WebSocket push gateway"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a gateway node.
+    Serve(Box<ServeArgs>),
+    /// Print a token signed with the configured HS256 secret (for development and tests).
+    Token(TokenArgs),
+}
+
+/// A secret from the command line or environment. Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() {
+            return Err("must not be empty".into());
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 25s, 500ms, 1h)"))
+}
+
+fn instance_id(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err("1 to 64 characters of A-Z, a-z, 0-9, '-' and '_'".into())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The JWT algorithms a node can pin. HS256 goes with a secret, the rest with a public key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum JwtAlgorithm {
+    #[value(name = "HS256")]
+    Hs256,
+    #[value(name = "RS256")]
+    Rs256,
+    #[value(name = "ES256")]
+    Es256,
+    #[value(name = "EdDSA")]
+    EdDsa,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct JwtArgs {
+    /// HS256 shared secret for client tokens.
+    #[arg(long, env = "PUSHGATE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<Secret>,
+    /// PEM file with the public key for RS256, ES256 or EdDSA tokens.
+    #[arg(long, env = "PUSHGATE_JWT_PUBLIC_KEY", conflicts_with = "jwt_secret")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Algorithm of the public key (default: RS256 for RSA keys, ES256 for EC keys, EdDSA for Ed25519).
+    #[arg(long, env = "PUSHGATE_JWT_ALGORITHM", requires = "jwt_public_key")]
+    pub jwt_algorithm: Option<JwtAlgorithm>,
+    /// Required `iss` claim.
+    #[arg(long, env = "PUSHGATE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim.
+    #[arg(long, env = "PUSHGATE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Clock-skew allowance for `exp` and `nbf`.
+    #[arg(long, env = "PUSHGATE_JWT_LEEWAY", default_value = "5s", value_parser = duration)]
+    pub jwt_leeway: Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "PUSHGATE_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Redis URL (redis://host:port/db). Unset: embedded broker, single node.
+    #[arg(long, env = "PUSHGATE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<Secret>,
+    /// Prefix of every Redis channel this cluster uses.
+    #[arg(long, env = "PUSHGATE_REDIS_PREFIX", default_value = "pushgate")]
+    pub redis_prefix: String,
+    /// This node's ID in the cluster (default: a new UUID at start).
+    #[arg(long, env = "PUSHGATE_INSTANCE_ID", value_parser = instance_id)]
+    pub instance_id: Option<String>,
+
+    #[command(flatten)]
+    pub jwt: JwtArgs,
+
+    /// API key for /api/*. Unset: the API answers 404.
+    #[arg(long, env = "PUSHGATE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<Secret>,
+
+    /// Development mode: without a JWT key, generate a secret and print a ready token.
+    #[arg(long, env = "PUSHGATE_DEV")]
+    pub dev: bool,
+
+    /// Most WebSocket connections this node holds; more get 503.
+    #[arg(long, env = "PUSHGATE_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+    /// Most connections from one client IP (0: no limit). Behind a proxy every client shares
+    /// the proxy's address, so leave this off there.
+    #[arg(long, env = "PUSHGATE_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: usize,
+    /// Largest inbound message; larger ones get a `too_large` error, and ones over four times
+    /// this close the connection with 1009.
+    #[arg(long, env = "PUSHGATE_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+    /// Sustained client requests per second per connection (token bucket).
+    #[arg(long, env = "PUSHGATE_CLIENT_RATE", default_value_t = 100.0)]
+    pub client_rate: f64,
+    /// Burst size of the per-connection token bucket.
+    #[arg(long, env = "PUSHGATE_CLIENT_BURST", default_value_t = 200)]
+    pub client_burst: u32,
+    /// Most channels one connection may subscribe to.
+    #[arg(long, env = "PUSHGATE_MAX_CHANNELS", default_value_t = 128)]
+    pub max_channels: usize,
+    /// Frames queued for one connection before it counts as a slow consumer (closed with 4008).
+    #[arg(long, env = "PUSHGATE_OUTBOUND_QUEUE", default_value_t = 1024)]
+    pub outbound_queue: usize,
+    /// Interval of server pings.
+    #[arg(long, env = "PUSHGATE_PING_INTERVAL", default_value = "25s", value_parser = duration)]
+    pub ping_interval: Duration,
+    /// How long past a ping interval a silent client is kept.
+    #[arg(long, env = "PUSHGATE_PONG_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub pong_timeout: Duration,
+    /// How long one write to a client may take before it counts as a slow consumer.
+    #[arg(long, env = "PUSHGATE_WRITE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub write_timeout: Duration,
+    /// Allowed `Origin` headers, comma-separated (default: any). Requests without `Origin` are allowed.
+    #[arg(long, env = "PUSHGATE_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// How long a graceful shutdown spreads its closes over.
+    #[arg(long, env = "PUSHGATE_DRAIN_PERIOD", default_value = "10s", value_parser = duration)]
+    pub drain_period: Duration,
+    /// Interval of the Redis liveness probe (a message a node sends itself).
+    #[arg(long, env = "PUSHGATE_REDIS_PROBE_INTERVAL", default_value = "3s", value_parser = duration)]
+    pub redis_probe_interval: Duration,
+    /// How long a Redis command or subscription may take before it counts as failed.
+    #[arg(long, env = "PUSHGATE_REDIS_TIMEOUT", default_value = "3s", value_parser = duration)]
+    pub redis_timeout: Duration,
+    /// Interval of cluster heartbeats (a node unheard of for three intervals is gone).
+    #[arg(long, env = "PUSHGATE_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = duration)]
+    pub heartbeat_interval: Duration,
+
+    /// Log format.
+    #[arg(long, env = "PUSHGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl ServeArgs {
+    /// Parses `serve` arguments alone (tests and embedding).
+    pub fn parse_from<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let args = std::iter::once("pushgate".into()).chain(args.into_iter().map(Into::into));
+        Only::try_parse_from(args).map(|o| o.serve)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    /// The token's subject (user).
+    #[arg(long)]
+    pub sub: String,
+    /// Channel patterns the token may subscribe to, comma-separated (`*` and `?` are wildcards).
+    #[arg(long, value_delimiter = ',')]
+    pub channels: Vec<String>,
+    /// Channel patterns the token may publish to, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub publish: Vec<String>,
+    /// Lifetime.
+    #[arg(long, default_value = "1h", value_parser = duration)]
+    pub ttl: Duration,
+    /// HS256 secret to sign with.
+    #[arg(long, env = "PUSHGATE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Secret,
+    /// `iss` claim.
+    #[arg(long, env = "PUSHGATE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// `aud` claim.
+    #[arg(long, env = "PUSHGATE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_sane() {
+        let args = ServeArgs::parse_from(["--jwt-secret", "s"]).unwrap();
+        assert_eq!(args.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(args.redis_prefix, "pushgate");
+        assert_eq!(args.max_message_bytes, 65536);
+        assert_eq!(args.max_channels, 128);
+        assert_eq!(args.ping_interval, Duration::from_secs(25));
+        assert_eq!(args.drain_period, Duration::from_secs(10));
+        assert!(args.allowed_origins.is_empty());
+    }
+
+    #[test]
+    fn lists_and_durations_parse() {
+        let args = ServeArgs::parse_from([
+            "--allowed-origins",
+            "https://a.example,https://b.example",
+            "--ping-interval",
+            "500ms",
+        ])
+        .unwrap();
+        assert_eq!(args.allowed_origins.len(), 2);
+        assert_eq!(args.ping_interval, Duration::from_millis(500));
+        assert!(ServeArgs::parse_from(["--ping-interval", "soon"]).is_err());
+    }
+
+    #[test]
+    fn instance_ids_are_restricted() {
+        assert!(ServeArgs::parse_from(["--instance-id", "node-1_a"]).is_ok());
+        assert!(ServeArgs::parse_from(["--instance-id", "has.dot"]).is_err());
+        assert!(ServeArgs::parse_from(["--instance-id", ""]).is_err());
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let args = ServeArgs::parse_from(["--jwt-secret", "hunter2", "--api-key", "k3y"]).unwrap();
+        let shown = format!("{args:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("k3y"),
+            "{shown}"
+        );
+    }
+}

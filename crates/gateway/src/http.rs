@@ -1,0 +1,381 @@
+//! HTTP: the WebSocket handshake (`/ws`, `/echo`), the server API (`/api/*`), health and metrics.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::ws::{
+    Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
+};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use pushgate_protocol::{RawJson, Target, validate_channel, validate_user};
+use serde::Deserialize;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use tracing::{debug, warn};
+
+use crate::auth::{AuthError, Grant};
+use crate::node::{Node, Outgoing, Refusal, parse_session_id};
+use crate::session;
+
+/// Errors of the HTTP layer, each with its status and a JSON body
+/// `{"error": "...", "reason": "...", "field": "..."}`.
+#[derive(Debug)]
+pub enum HttpError {
+    Unauthorized(AuthError),
+    BadApiKey,
+    Origin,
+    Draining,
+    Refused(Refusal),
+    NotWebSocket(WebSocketUpgradeRejection),
+    BadRequest {
+        field: Option<String>,
+        reason: String,
+    },
+    Unavailable,
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let (status, error, reason, field) = match self {
+            Self::Unauthorized(e) => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                e.to_string(),
+                None,
+            ),
+            Self::BadApiKey => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "invalid API key".into(),
+                None,
+            ),
+            Self::Origin => (
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "origin not allowed".into(),
+                None,
+            ),
+            Self::Draining => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "node is draining; connect to another node".into(),
+                None,
+            ),
+            Self::Refused(Refusal::NodeFull) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "node is at its connection limit".into(),
+                None,
+            ),
+            Self::Refused(Refusal::TooManyFromIp) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many connections from this address".into(),
+                None,
+            ),
+            Self::NotWebSocket(r) => return r.into_response(),
+            Self::BadRequest { field, reason } => {
+                (StatusCode::BAD_REQUEST, "bad_request", reason, field)
+            }
+            Self::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "broker unavailable; retry later".into(),
+                None,
+            ),
+        };
+        let mut body = json!({ "error": error, "reason": reason });
+        if let Some(field) = field {
+            body["field"] = json!(field);
+        }
+        (status, Json(body)).into_response()
+    }
+}
+
+pub fn router(node: Arc<Node>) -> Router {
+    let mut router = Router::new()
+        .route("/ws", get(ws))
+        .route("/echo", get(echo))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics));
+    if node.config.api_key.is_some() {
+        router = router
+            .route("/api/publish", post(api_publish))
+            .route("/api/disconnect", post(api_disconnect))
+            .route("/api/stats", get(api_stats));
+    }
+    router.with_state(node)
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+/// Checks everything a handshake needs before the upgrade: draining, Origin, token.
+fn admit_handshake(
+    node: &Node,
+    headers: &HeaderMap,
+    query: &TokenQuery,
+) -> Result<Grant, HttpError> {
+    if node.is_draining() {
+        return Err(HttpError::Draining);
+    }
+    let allowed = &node.config.allowed_origins;
+    if !allowed.is_empty()
+        && let Some(origin) = headers.get(header::ORIGIN)
+        && !allowed.iter().any(|a| a.as_bytes() == origin.as_bytes())
+    {
+        return Err(HttpError::Origin);
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let token = bearer.or(query.token.as_deref()).unwrap_or_default();
+    node.verifier.verify(token.trim()).map_err(|e| {
+        node.metrics.auth_failure(e.label());
+        debug!(reason = %e, "handshake refused");
+        HttpError::Unauthorized(e)
+    })
+}
+
+fn configure(node: &Node, ws: WebSocketUpgrade) -> WebSocketUpgrade {
+    // Messages over the node's limit get a `too_large` error; only far larger ones (which the
+    // transport refuses to buffer) close the connection with 1009.
+    let transport_limit = node.config.max_message_bytes.saturating_mul(4);
+    ws.max_message_size(transport_limit)
+        .max_frame_size(transport_limit)
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(4 * 1024 * 1024)
+}
+
+async fn ws(
+    State(node): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(query): Query<TokenQuery>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, HttpError> {
+    let grant = admit_handshake(&node, &headers, &query)?;
+    let upgrade = upgrade.map_err(HttpError::NotWebSocket)?;
+    let admission = node.admit(peer.ip()).map_err(HttpError::Refused)?;
+    Ok(configure(&node, upgrade)
+        .on_upgrade(move |socket: WebSocket| session::run(node, socket, grant, admission)))
+}
+
+/// Echoes every text and binary message back: for load-balancer checks and conformance tests.
+async fn echo(
+    State(node): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(query): Query<TokenQuery>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, HttpError> {
+    admit_handshake(&node, &headers, &query)?;
+    let upgrade = upgrade.map_err(HttpError::NotWebSocket)?;
+    let admission = node.admit(peer.ip()).map_err(HttpError::Refused)?;
+    Ok(
+        configure(&node, upgrade).on_upgrade(move |mut socket: WebSocket| async move {
+            while let Some(Ok(msg)) = socket.recv().await {
+                let reply = match msg {
+                    Message::Text(_) | Message::Binary(_) => msg,
+                    Message::Close(_) => break,
+                    Message::Ping(_) | Message::Pong(_) => continue,
+                };
+                if socket.send(reply).await.is_err() {
+                    break;
+                }
+            }
+            drop(admission);
+        }),
+    )
+}
+
+async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    let (status, reason) = if node.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if !node.broker.is_ready() {
+        (StatusCode::SERVICE_UNAVAILABLE, "broker unavailable")
+    } else {
+        (StatusCode::OK, "ready")
+    };
+    (
+        status,
+        Json(json!({ "ready": status == StatusCode::OK, "reason": reason })),
+    )
+        .into_response()
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        node.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Checks the API key in constant time.
+fn check_api_key(node: &Node, headers: &HeaderMap) -> Result<(), HttpError> {
+    let Some(expected) = &node.config.api_key else {
+        return Err(HttpError::BadApiKey);
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes())) {
+        Ok(())
+    } else {
+        warn!("API request with an invalid key");
+        Err(HttpError::BadApiKey)
+    }
+}
+
+fn bad(field: &str, reason: impl Into<String>) -> HttpError {
+    HttpError::BadRequest {
+        field: Some(field.to_owned()),
+        reason: reason.into(),
+    }
+}
+
+/// Parses a JSON body, naming the offending field in the error.
+fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, HttpError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() || path == "." {
+            HttpError::BadRequest {
+                field: None,
+                reason: format!("invalid JSON body: {inner}"),
+            }
+        } else {
+            HttpError::BadRequest {
+                reason: format!("{path}: {inner}"),
+                field: Some(path),
+            }
+        }
+    })
+}
+
+#[derive(Deserialize)]
+struct PublishBody<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    data: Option<&'a RawJson>,
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    session: Option<String>,
+    #[serde(default)]
+    broadcast: Option<bool>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawJson>, D::Error> {
+    <&RawJson>::deserialize(d).map(Some)
+}
+
+const TARGETS: &str =
+    "exactly one of \"channel\", \"user\", \"session\" or \"broadcast\": true is required";
+
+impl<'a> PublishBody<'a> {
+    fn target(&'a self) -> Result<Target<'a>, HttpError> {
+        let mut targets = Vec::with_capacity(1);
+        if let Some(c) = &self.channel {
+            validate_channel(c).map_err(|e| bad("channel", format!("channel {e}")))?;
+            targets.push(Target::Channel(c));
+        }
+        if let Some(u) = &self.user {
+            validate_user(u).map_err(|e| bad("user", format!("user {e}")))?;
+            targets.push(Target::User(u));
+        }
+        if let Some(s) = &self.session {
+            parse_session_id(s).ok_or_else(|| bad("session", "session is not a session ID"))?;
+            targets.push(Target::Session(s));
+        }
+        match self.broadcast {
+            Some(true) => targets.push(Target::Broadcast),
+            Some(false) => return Err(bad("broadcast", "broadcast must be true when given")),
+            None => {}
+        }
+        match targets.as_slice() {
+            [one] => Ok(*one),
+            _ => Err(bad("target", TARGETS)),
+        }
+    }
+}
+
+async fn api_publish(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    check_api_key(&node, &headers)?;
+    let body: PublishBody = parse_body(&body)?;
+    let data = body
+        .data
+        .ok_or_else(|| bad("data", "data is required (any JSON value)"))?;
+    let target = body.target()?;
+    if !node.broker.is_ready() {
+        return Err(HttpError::Unavailable);
+    }
+    node.metrics.messages_in.api.inc();
+    let id = node
+        .publish(Outgoing {
+            target,
+            from: None,
+            data,
+        })
+        .await
+        .map_err(|e| {
+            warn!(error = %e, "API publish did not reach the broker");
+            HttpError::Unavailable
+        })?;
+    Ok(Json(json!({ "id": id })).into_response())
+}
+
+#[derive(Deserialize)]
+struct DisconnectBody {
+    #[serde(default)]
+    user: Option<String>,
+}
+
+async fn api_disconnect(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    check_api_key(&node, &headers)?;
+    let body: DisconnectBody = parse_body(&body)?;
+    let user = body.user.ok_or_else(|| bad("user", "user is required"))?;
+    validate_user(&user).map_err(|e| bad("user", format!("user {e}")))?;
+    if !node.broker.is_ready() {
+        return Err(HttpError::Unavailable);
+    }
+    let local = node.disconnect_user(&user).await.map_err(|e| {
+        warn!(error = %e, "disconnect did not reach the broker");
+        HttpError::Unavailable
+    })?;
+    Ok(Json(json!({ "user": user, "closed_on_this_node": local })).into_response())
+}
+
+async fn api_stats(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+) -> Result<Response, HttpError> {
+    check_api_key(&node, &headers)?;
+    Ok(Json(node.stats_doc()).into_response())
+}

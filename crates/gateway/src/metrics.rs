@@ -1,0 +1,263 @@
+//! Prometheus metrics. Each node owns its registry (no global recorder), and hot-path counters
+//! are resolved once at start so that counting is one atomic add.
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Source {
+    source: &'static str,
+}
+
+/// Counters for messages entering the node, by where they came from.
+#[derive(Clone)]
+pub struct Inbound {
+    pub client: Counter,
+    pub api: Counter,
+    pub redis: Counter,
+}
+
+/// Why a delivery or connection was dropped.
+#[derive(Clone)]
+pub struct Drops {
+    pub slow_consumer: Counter,
+    pub closed: Counter,
+    pub heartbeat_timeout: Counter,
+    pub rate_limited: Counter,
+    pub too_large: Counter,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Gauge,
+    pub connections_total: Counter,
+    pub messages_in: Inbound,
+    /// Frames written into client queues (one per recipient).
+    pub deliveries: Counter,
+    /// Delivery frames serialized (one per message per node, whatever the recipient count).
+    pub encodes: Counter,
+    pub drops: Drops,
+    auth_failures: Family<Reason, Counter>,
+    pub redis_up: Gauge,
+    pub redis_reconnects: Counter,
+    pub redis_invalid: Counter,
+    pub redis_probe_failures: Counter,
+    pub redis_subscriptions: Gauge,
+    pub redis_publish_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut root = Registry::default();
+        // Process metrics are unprefixed by convention; ours live under `pushgate_`.
+        root.register_collector(Box::new(ProcessCollector));
+        let registry = root.sub_registry_with_prefix("pushgate");
+        let connections = Gauge::default();
+        registry.register(
+            "connections",
+            "Open WebSocket connections",
+            connections.clone(),
+        );
+        let connections_total = Counter::default();
+        registry.register(
+            "connections_opened",
+            "WebSocket connections accepted",
+            connections_total.clone(),
+        );
+
+        let messages_in = Family::<Source, Counter>::default();
+        registry.register(
+            "messages_in",
+            "Messages received for delivery, by source",
+            messages_in.clone(),
+        );
+        let source = |s| messages_in.get_or_create_owned(&Source { source: s });
+        let messages_in = Inbound {
+            client: source("client"),
+            api: source("api"),
+            redis: source("redis"),
+        };
+
+        let deliveries = Counter::default();
+        registry.register(
+            "deliveries",
+            "Message frames queued to clients",
+            deliveries.clone(),
+        );
+        let encodes = Counter::default();
+        registry.register(
+            "message_encodes",
+            "Message frames serialized (once per message, shared by all recipients)",
+            encodes.clone(),
+        );
+
+        let drops = Family::<Reason, Counter>::default();
+        registry.register(
+            "drops",
+            "Dropped deliveries and connections, by reason",
+            drops.clone(),
+        );
+        let reason = |r| drops.get_or_create_owned(&Reason { reason: r });
+        let drops = Drops {
+            slow_consumer: reason("slow_consumer"),
+            closed: reason("closed"),
+            heartbeat_timeout: reason("heartbeat_timeout"),
+            rate_limited: reason("rate_limited"),
+            too_large: reason("too_large"),
+        };
+
+        let auth_failures = Family::<Reason, Counter>::default();
+        registry.register(
+            "auth_failures",
+            "Rejected tokens, by reason",
+            auth_failures.clone(),
+        );
+
+        let redis_up = Gauge::default();
+        registry.register(
+            "redis_up",
+            "1 when the Redis subscription is live (or the broker is embedded)",
+            redis_up.clone(),
+        );
+        let redis_reconnects = Counter::default();
+        registry.register(
+            "redis_reconnects",
+            "Redis subscriber connections (re)established",
+            redis_reconnects.clone(),
+        );
+        let redis_invalid = Counter::default();
+        registry.register(
+            "redis_invalid_messages",
+            "Unparseable messages received from Redis and dropped",
+            redis_invalid.clone(),
+        );
+        let redis_probe_failures = Counter::default();
+        registry.register(
+            "redis_probe_failures",
+            "Liveness probes not received back in time (the subscription was restarted)",
+            redis_probe_failures.clone(),
+        );
+        let redis_subscriptions = Gauge::default();
+        registry.register(
+            "redis_subscriptions",
+            "Redis channels this node is subscribed to",
+            redis_subscriptions.clone(),
+        );
+        let redis_publish_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        registry.register(
+            "redis_publish_seconds",
+            "Latency of PUBLISH to Redis",
+            redis_publish_seconds.clone(),
+        );
+
+        Self {
+            registry: root,
+            connections,
+            connections_total,
+            messages_in,
+            deliveries,
+            encodes,
+            drops,
+            auth_failures,
+            redis_up,
+            redis_reconnects,
+            redis_invalid,
+            redis_probe_failures,
+            redis_subscriptions,
+            redis_publish_seconds,
+        }
+    }
+
+    pub fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// `process_resident_memory_bytes` and `process_open_fds`, read from `/proc` on each scrape.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl ProcessCollector {
+    fn rss_bytes() -> Option<i64> {
+        let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+        let pages: i64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+        // Linux pages are 4 KiB on the platforms pushgate ships for.
+        Some(pages * 4096)
+    }
+
+    fn open_fds() -> Option<i64> {
+        Some(std::fs::read_dir("/proc/self/fd").ok()?.count() as i64)
+    }
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let gauges = [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                Self::rss_bytes(),
+            ),
+            (
+                "process_open_fds",
+                "Open file descriptors",
+                Self::open_fds(),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            if let Some(v) = value {
+                let gauge = ConstGauge::new(v);
+                gauge.encode(encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    gauge.metric_type(),
+                )?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_process_metrics() {
+        let m = Metrics::new();
+        m.deliveries.inc_by(3);
+        m.auth_failure("expired");
+        let text = m.render();
+        assert!(text.contains("pushgate_deliveries_total 3"), "{text}");
+        assert!(
+            text.contains(r#"pushgate_auth_failures_total{reason="expired"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("process_resident_memory_bytes"), "{text}");
+    }
+}

@@ -1,0 +1,489 @@
+//! A gateway node: its sessions, its broker, and what it does with a message.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use pushgate_protocol::envelope::{EnvelopeError, NodeStats};
+use pushgate_protocol::server::{MessageRef, encode_message};
+use pushgate_protocol::{ControlMessage, Envelope, NodeMessage, RawJson, Target, close};
+use serde::Serialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use crate::auth::Verifier;
+use crate::broker::{Broker, BrokerError, Inbound, RedisBroker, RedisSettings, Topic, Topics};
+use crate::config::ServeArgs;
+use crate::hub::{Frame, Hub};
+use crate::metrics::Metrics;
+
+pub struct Node {
+    pub config: ServeArgs,
+    pub instance: Arc<str>,
+    pub verifier: Verifier,
+    pub hub: Hub,
+    pub broker: Broker,
+    pub topics: Topics,
+    pub metrics: Arc<Metrics>,
+    connections: Arc<Semaphore>,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    draining: AtomicBool,
+    peers: Mutex<HashMap<String, (Instant, NodeStats)>>,
+    started: Instant,
+    /// Stops the node's background tasks.
+    pub shutdown: CancellationToken,
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    NodeFull,
+    TooManyFromIp,
+}
+
+/// A connection's place in the node's limits; freed on drop.
+pub struct Admission {
+    node: Arc<Node>,
+    ip: IpAddr,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.node.metrics.connections.dec();
+        if self.node.config.max_connections_per_ip > 0 {
+            let mut per_ip = lock(&self.node.per_ip);
+            if let Some(n) = per_ip.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_ip.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+/// A message to publish from this node.
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a> {
+    pub target: Target<'a>,
+    pub from: Option<&'a str>,
+    pub data: &'a RawJson,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Node {
+    /// Builds a node and starts its broker.
+    pub fn start(config: ServeArgs, verifier: Verifier) -> Result<Arc<Self>, BrokerError> {
+        let instance: Arc<str> = config
+            .instance_id
+            .clone()
+            .unwrap_or_else(|| Uuid::new_v4().simple().to_string())
+            .into();
+        let metrics = Arc::new(Metrics::new());
+        let topics = Topics::new(&config.redis_prefix);
+        let shutdown = CancellationToken::new();
+        let mut broker_error = None;
+        let node = Arc::new_cyclic(|me: &Weak<Node>| {
+            let broker = match &config.redis_url {
+                None => Broker::Embedded,
+                Some(url) => {
+                    let settings = RedisSettings {
+                        url: url.expose().to_owned(),
+                        topics: topics.clone(),
+                        node_id: instance.to_string(),
+                        timeout: config.redis_timeout,
+                        probe_interval: config.redis_probe_interval,
+                    };
+                    let inbound: Weak<dyn Inbound> = me.clone();
+                    match RedisBroker::start(settings, inbound, metrics.clone(), shutdown.clone()) {
+                        Ok(r) => Broker::Redis(r),
+                        Err(e) => {
+                            broker_error = Some(e);
+                            Broker::Embedded
+                        }
+                    }
+                }
+            };
+            if matches!(broker, Broker::Embedded) {
+                metrics.redis_up.set(1);
+            }
+            Node {
+                hub: Hub::new(metrics.deliveries.clone(), metrics.drops.clone()),
+                connections: Arc::new(Semaphore::new(config.max_connections)),
+                per_ip: Mutex::default(),
+                draining: AtomicBool::new(false),
+                peers: Mutex::default(),
+                started: Instant::now(),
+                config,
+                instance,
+                verifier,
+                broker,
+                topics,
+                metrics,
+                shutdown,
+            }
+        });
+        if let Some(e) = broker_error {
+            node.shutdown.cancel();
+            return Err(e);
+        }
+        if matches!(node.broker, Broker::Redis(_)) {
+            tokio::spawn(node.clone().heartbeats());
+        }
+        Ok(node)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.broker.is_ready()
+    }
+
+    /// Takes a connection slot, or says why not.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, Refusal> {
+        let permit = self
+            .connections
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Refusal::NodeFull)?;
+        let limit = self.config.max_connections_per_ip;
+        if limit > 0 {
+            let mut per_ip = lock(&self.per_ip);
+            let n = per_ip.entry(ip).or_default();
+            if *n >= limit {
+                return Err(Refusal::TooManyFromIp);
+            }
+            *n += 1;
+        }
+        self.metrics.connections.inc();
+        self.metrics.connections_total.inc();
+        Ok(Admission {
+            node: self.clone(),
+            ip,
+            _permit: permit,
+        })
+    }
+
+    /// The public ID of a local session: `{instance}.{uuid}`, so any node can route to it.
+    pub fn session_id(&self, id: Uuid) -> String {
+        format!("{}.{}", self.instance, id.simple())
+    }
+
+    /// Encodes a delivery once; every recipient shares the bytes.
+    fn encode(&self, m: &MessageRef<'_>) -> Frame {
+        self.metrics.encodes.inc();
+        Frame::from(encode_message(m))
+    }
+
+    fn deliver_locally(&self, m: &MessageRef<'_>) -> usize {
+        match m.target {
+            Target::Channel(c) => self.hub.to_channel(c, &self.encode(m)),
+            Target::User(u) => self.hub.to_user(u, &self.encode(m)),
+            Target::Broadcast => self.hub.to_all(&self.encode(m)),
+            Target::Session(s) => match parse_session_id(s) {
+                Some((node, id)) if node == &*self.instance => {
+                    usize::from(self.hub.to_session(id, &self.encode(m)))
+                }
+                _ => 0,
+            },
+        }
+    }
+
+    /// Delivers to this node's clients at once, then hands the message to the other nodes.
+    /// Returns the message ID. An error means the other nodes may not have it.
+    pub async fn publish(&self, out: Outgoing<'_>) -> Result<String, BrokerError> {
+        let id = Uuid::now_v7().to_string();
+        let ts = unix_millis();
+        let m = MessageRef {
+            id: &id,
+            ts,
+            from: out.from,
+            target: out.target,
+            data: out.data,
+        };
+        self.deliver_locally(&m);
+        let envelope = Envelope {
+            id: Some(id.as_str().into()),
+            ts: Some(ts),
+            from: out.from.map(Into::into),
+            origin: Some((*self.instance).into()),
+            data: out.data,
+        };
+        let (topic, payload) = match out.target {
+            Target::Channel(c) => (self.topics.channel(c), envelope.encode()),
+            Target::User(u) => (self.topics.user(u), envelope.encode()),
+            Target::Broadcast => (self.topics.broadcast().to_owned(), envelope.encode()),
+            Target::Session(s) => match parse_session_id(s) {
+                Some((node, _)) if node != &*self.instance => (
+                    self.topics.node(node),
+                    NodeMessage::Deliver {
+                        session: s.into(),
+                        envelope,
+                    }
+                    .encode(),
+                ),
+                // Local, or not a session ID at all: nowhere else to send it.
+                _ => return Ok(id),
+            },
+        };
+        self.broker.publish(&topic, &payload).await?;
+        Ok(id)
+    }
+
+    /// Closes every connection of `user` on every node.
+    pub async fn disconnect_user(&self, user: &str) -> Result<usize, BrokerError> {
+        let closed = self.hub.close_user(user, close::DISCONNECTED);
+        let message = ControlMessage::Disconnect {
+            user: user.to_owned(),
+            origin: self.instance.to_string(),
+        };
+        self.broker
+            .publish(self.topics.control(), &message.encode())
+            .await?;
+        Ok(closed)
+    }
+
+    fn on_envelope(&self, target: Target<'_>, payload: &[u8]) -> Result<(), EnvelopeError> {
+        let e = Envelope::decode(payload)?;
+        if e.origin.as_deref() == Some(&*self.instance) {
+            return Ok(()); // our own echo: delivered when published
+        }
+        let generated;
+        let id = match &e.id {
+            Some(id) => id.as_ref(),
+            None => {
+                generated = Uuid::now_v7().to_string();
+                &generated
+            }
+        };
+        self.deliver_locally(&MessageRef {
+            id,
+            ts: e.ts.unwrap_or_else(unix_millis),
+            from: e.from.as_deref(),
+            target,
+            data: e.data,
+        });
+        Ok(())
+    }
+
+    fn on_node_message(&self, payload: &[u8]) -> Result<(), EnvelopeError> {
+        match NodeMessage::decode(payload)? {
+            NodeMessage::Deliver { session, envelope } => {
+                let Some((_, id)) = parse_session_id(&session) else {
+                    return Err(EnvelopeError::MissingSession);
+                };
+                let generated;
+                let msg_id = match &envelope.id {
+                    Some(id) => id.as_ref(),
+                    None => {
+                        generated = Uuid::now_v7().to_string();
+                        &generated
+                    }
+                };
+                let m = MessageRef {
+                    id: msg_id,
+                    ts: envelope.ts.unwrap_or_else(unix_millis),
+                    from: envelope.from.as_deref(),
+                    target: Target::Session(&session),
+                    data: envelope.data,
+                };
+                self.hub.to_session(id, &self.encode(&m));
+            }
+            NodeMessage::Probe { .. } => {} // answered by the broker itself
+        }
+        Ok(())
+    }
+
+    fn on_control(&self, payload: &[u8]) -> Result<(), EnvelopeError> {
+        match ControlMessage::decode(payload)? {
+            ControlMessage::Disconnect { user, origin } => {
+                if origin != *self.instance {
+                    let n = self.hub.close_user(&user, close::DISCONNECTED);
+                    debug!(%user, sessions = n, "disconnect from another node");
+                }
+            }
+            ControlMessage::Heartbeat(stats) => {
+                if stats.node != *self.instance {
+                    lock(&self.peers).insert(stats.node.clone(), (Instant::now(), stats));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// This node's figures.
+    pub fn stats(&self) -> NodeStats {
+        let c = self.hub.counts();
+        NodeStats {
+            node: self.instance.to_string(),
+            connections: c.connections as u64,
+            users: c.users as u64,
+            channels: c.channels as u64,
+            draining: self.is_draining(),
+        }
+    }
+
+    /// This node and every other node heard from within three heartbeat intervals.
+    pub fn cluster(&self) -> Vec<NodeStats> {
+        let horizon = self.config.heartbeat_interval * 3;
+        let mut peers = lock(&self.peers);
+        peers.retain(|_, (seen, _)| seen.elapsed() < horizon);
+        let mut nodes: Vec<NodeStats> = peers.values().map(|(_, s)| s.clone()).collect();
+        nodes.push(self.stats());
+        nodes.sort_by(|a, b| a.node.cmp(&b.node));
+        nodes
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    async fn heartbeats(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.config.heartbeat_interval);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if !self.broker.is_ready() {
+                continue;
+            }
+            let beat = ControlMessage::Heartbeat(self.stats()).encode();
+            if let Err(e) = self.broker.publish(self.topics.control(), &beat).await {
+                debug!(error = %e, "heartbeat not sent");
+            }
+        }
+    }
+
+    /// Graceful drain: refuse new connections and close open ones with 1001 in batches spread
+    /// over the drain period, so that clients do not all reconnect elsewhere at the same instant.
+    pub async fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        let period = self.config.drain_period;
+        let sessions = self.hub.sessions();
+        info!(
+            connections = sessions.len(),
+            ?period,
+            "draining: closing connections"
+        );
+        // Closes are spread over 80% of the period; the rest lets close handshakes finish.
+        const STEP: Duration = Duration::from_millis(100);
+        let steps = ((period.mul_f64(0.8)).as_millis() / STEP.as_millis()).max(1) as usize;
+        let batch = sessions.len().div_ceil(steps).max(1);
+        let deadline = tokio::time::Instant::now() + period;
+        let mut tick = tokio::time::interval(STEP);
+        for chunk in sessions.chunks(batch) {
+            tick.tick().await;
+            for s in chunk {
+                s.close(close::GOING_AWAY);
+            }
+        }
+        while self.hub.counts().connections > 0 && tokio::time::Instant::now() < deadline {
+            tick.tick().await;
+        }
+        let left = self.hub.counts().connections;
+        if left > 0 {
+            warn!(
+                connections = left,
+                "drain period over with connections still open"
+            );
+        }
+    }
+}
+
+impl Inbound for Node {
+    fn on_message(&self, topic: &str, payload: &[u8]) {
+        let result = match self.topics.parse(topic) {
+            Some(Topic::Channel(c)) => {
+                self.metrics.messages_in.redis.inc();
+                self.on_envelope(Target::Channel(c), payload)
+            }
+            Some(Topic::User(u)) => {
+                self.metrics.messages_in.redis.inc();
+                self.on_envelope(Target::User(u), payload)
+            }
+            Some(Topic::Broadcast) => {
+                self.metrics.messages_in.redis.inc();
+                self.on_envelope(Target::Broadcast, payload)
+            }
+            Some(Topic::Node(_)) => self.on_node_message(payload),
+            Some(Topic::Control) => self.on_control(payload),
+            None => Ok(()),
+        };
+        if let Err(e) = result {
+            self.metrics.redis_invalid.inc();
+            warn!(topic, error = %e, "dropping invalid message from redis");
+        }
+    }
+}
+
+/// Splits a public session ID into its node and local ID.
+pub fn parse_session_id(s: &str) -> Option<(&str, Uuid)> {
+    let (node, id) = s.rsplit_once('.')?;
+    Some((node, Uuid::try_parse(id).ok()?))
+}
+
+/// The node's `/api/stats` document.
+#[derive(Serialize)]
+pub struct StatsDoc {
+    pub node: NodeStats,
+    pub broker: &'static str,
+    pub broker_ready: bool,
+    pub uptime_secs: u64,
+    pub cluster: ClusterDoc,
+}
+
+#[derive(Serialize)]
+pub struct ClusterDoc {
+    pub nodes: Vec<NodeStats>,
+    pub connections: u64,
+}
+
+impl Node {
+    pub fn stats_doc(&self) -> StatsDoc {
+        let nodes = self.cluster();
+        StatsDoc {
+            node: self.stats(),
+            broker: match self.broker {
+                Broker::Embedded => "embedded",
+                Broker::Redis(_) => "redis",
+            },
+            broker_ready: self.broker.is_ready(),
+            uptime_secs: self.uptime().as_secs(),
+            cluster: ClusterDoc {
+                connections: nodes.iter().map(|n| n.connections).sum(),
+                nodes,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_route_to_their_node() {
+        let id = Uuid::new_v4();
+        let s = format!("node-1.{}", id.simple());
+        assert_eq!(parse_session_id(&s), Some(("node-1", id)));
+        assert_eq!(parse_session_id("node-1"), None);
+        assert_eq!(parse_session_id("node-1.not-a-uuid"), None);
+    }
+}

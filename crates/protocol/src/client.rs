@@ -1,0 +1,322 @@
+//! Frames a client sends over the WebSocket.
+//!
+//! Decoding is two-step so that every failure can still be answered: the text is first read into
+//! a loose shape (every field optional), then checked per `type`. A frame that fails the second
+//! step still yields its `id`, which the error reply echoes.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::RawJson;
+
+/// A request from a client. Every request carries a numeric `id` that the reply echoes.
+#[derive(Debug)]
+pub enum ClientFrame<'a> {
+    Subscribe {
+        id: u64,
+        channel: Cow<'a, str>,
+    },
+    Unsubscribe {
+        id: u64,
+        channel: Cow<'a, str>,
+    },
+    Publish {
+        id: u64,
+        channel: Cow<'a, str>,
+        data: &'a RawJson,
+    },
+    Ping {
+        id: u64,
+    },
+    Refresh {
+        id: u64,
+        token: Cow<'a, str>,
+    },
+}
+
+impl PartialEq for ClientFrame<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        use ClientFrame::*;
+        match (self, other) {
+            (Subscribe { id: a, channel: c }, Subscribe { id: b, channel: d })
+            | (Unsubscribe { id: a, channel: c }, Unsubscribe { id: b, channel: d })
+            | (Refresh { id: a, token: c }, Refresh { id: b, token: d }) => a == b && c == d,
+            (
+                Publish {
+                    id: a,
+                    channel: c,
+                    data: x,
+                },
+                Publish {
+                    id: b,
+                    channel: d,
+                    data: y,
+                },
+            ) => a == b && c == d && x.get() == y.get(),
+            (Ping { id: a }, Ping { id: b }) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl ClientFrame<'_> {
+    pub fn id(&self) -> u64 {
+        match self {
+            Self::Subscribe { id, .. }
+            | Self::Unsubscribe { id, .. }
+            | Self::Publish { id, .. }
+            | Self::Ping { id }
+            | Self::Refresh { id, .. } => *id,
+        }
+    }
+}
+
+/// Why a client frame was rejected; answered with a `bad_request` error frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct DecodeError {
+    /// The frame's `id`, when it had a valid one.
+    pub id: Option<u64>,
+    pub message: String,
+}
+
+impl DecodeError {
+    fn new(id: Option<u64>, message: impl Into<String>) -> Self {
+        Self {
+            id,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Loose<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    id: Option<&'a RawJson>,
+    #[serde(borrow, default)]
+    channel: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    data: Option<&'a RawJson>,
+    #[serde(borrow, default)]
+    token: Option<Cow<'a, str>>,
+}
+
+/// Keeps `"data": null` apart from a missing `data`: null is a valid payload.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawJson>, D::Error> {
+    <&RawJson>::deserialize(d).map(Some)
+}
+
+impl<'a> ClientFrame<'a> {
+    /// Decodes one text frame.
+    pub fn decode(text: &'a str) -> Result<Self, DecodeError> {
+        let loose: Loose<'a> = serde_json::from_str(text)
+            .map_err(|e| DecodeError::new(None, format!("invalid frame: {e}")))?;
+        let id = match loose.id {
+            None => None,
+            Some(raw) => Some(
+                serde_json::from_str::<u64>(raw.get())
+                    .map_err(|_| DecodeError::new(None, "\"id\" must be a non-negative integer"))?,
+            ),
+        };
+        let Some(kind) = loose.kind else {
+            return Err(DecodeError::new(id, "missing field \"type\""));
+        };
+        let Some(id) = id else {
+            return Err(DecodeError::new(None, "missing field \"id\""));
+        };
+        let need = |field: Option<Cow<'a, str>>, name: &str| {
+            field.ok_or_else(|| DecodeError::new(Some(id), format!("{kind} needs \"{name}\"")))
+        };
+        Ok(match kind.as_ref() {
+            "subscribe" => Self::Subscribe {
+                id,
+                channel: need(loose.channel, "channel")?,
+            },
+            "unsubscribe" => Self::Unsubscribe {
+                id,
+                channel: need(loose.channel, "channel")?,
+            },
+            "publish" => Self::Publish {
+                id,
+                channel: need(loose.channel, "channel")?,
+                data: loose
+                    .data
+                    .ok_or_else(|| DecodeError::new(Some(id), "publish needs \"data\""))?,
+            },
+            "ping" => Self::Ping { id },
+            "refresh" => Self::Refresh {
+                id,
+                token: need(loose.token, "token")?,
+            },
+            other => {
+                return Err(DecodeError::new(
+                    Some(id),
+                    format!("unknown type {other:?}"),
+                ));
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ok(text: &str) -> ClientFrame<'_> {
+        ClientFrame::decode(text).unwrap_or_else(|e| panic!("{text}: {e}"))
+    }
+
+    fn err(text: &str) -> DecodeError {
+        ClientFrame::decode(text).expect_err(text)
+    }
+
+    #[test]
+    fn decodes_every_request() {
+        assert_eq!(
+            ok(r#"{"type":"subscribe","id":1,"channel":"room:1"}"#),
+            ClientFrame::Subscribe {
+                id: 1,
+                channel: "room:1".into()
+            }
+        );
+        assert_eq!(
+            ok(r#"{"type":"unsubscribe","id":2,"channel":"room:1"}"#),
+            ClientFrame::Unsubscribe {
+                id: 2,
+                channel: "room:1".into()
+            }
+        );
+        match ok(r#"{"type":"publish","id":3,"channel":"c","data":{"a":[1,2]}}"#) {
+            ClientFrame::Publish { id, channel, data } => {
+                assert_eq!(
+                    (id, channel.as_ref(), data.get()),
+                    (3, "c", r#"{"a":[1,2]}"#)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(ok(r#"{"type":"ping","id":4}"#), ClientFrame::Ping { id: 4 });
+        assert_eq!(
+            ok(r#"{"id":5,"token":"t.t.t","type":"refresh"}"#),
+            ClientFrame::Refresh {
+                id: 5,
+                token: "t.t.t".into()
+            }
+        );
+    }
+
+    #[test]
+    fn null_data_is_a_payload_and_unknown_fields_are_ignored() {
+        match ok(r#"{"type":"publish","id":1,"channel":"c","data":null,"extra":true}"#) {
+            ClientFrame::Publish { data, .. } => assert_eq!(data.get(), "null"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn escaped_strings_are_unescaped() {
+        assert_eq!(
+            ok(r#"{"type":"subscribe","id":1,"channel":"room\u003a1"}"#),
+            ClientFrame::Subscribe {
+                id: 1,
+                channel: "room:1".into()
+            }
+        );
+    }
+
+    #[test]
+    fn invalid_json_has_no_id() {
+        for text in [
+            "",
+            "{",
+            "not json",
+            "[1,2]",
+            "42",
+            r#"{"type":"ping","id":1"#,
+        ] {
+            let e = err(text);
+            assert_eq!(e.id, None, "{text}");
+            assert!(e.message.starts_with("invalid frame"), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn missing_or_unknown_type_echoes_the_id() {
+        let e = err(r#"{"id":7}"#);
+        assert_eq!(e.id, Some(7));
+        assert!(e.message.contains("type"));
+        let e = err(r#"{"type":"shout","id":8}"#);
+        assert_eq!(e.id, Some(8));
+        assert!(e.message.contains("shout"));
+        let e = err(r#"{"type":7,"id":9}"#);
+        assert_eq!(
+            e.id, None,
+            "a type that is not a string fails the JSON shape"
+        );
+    }
+
+    #[test]
+    fn missing_fields_are_named() {
+        let cases = [
+            (r#"{"type":"subscribe","id":1}"#, "channel"),
+            (r#"{"type":"unsubscribe","id":1}"#, "channel"),
+            (r#"{"type":"publish","id":1,"data":1}"#, "channel"),
+            (r#"{"type":"publish","id":1,"channel":"c"}"#, "data"),
+            (r#"{"type":"refresh","id":1}"#, "token"),
+            (r#"{"type":"ping"}"#, "id"),
+        ];
+        for (text, field) in cases {
+            let e = err(text);
+            assert!(e.message.contains(field), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn id_must_be_a_non_negative_integer() {
+        for text in [
+            r#"{"type":"ping","id":"1"}"#,
+            r#"{"type":"ping","id":-1}"#,
+            r#"{"type":"ping","id":1.5}"#,
+            r#"{"type":"ping","id":null}"#,
+        ] {
+            let e = err(text);
+            assert_eq!(e.id, None, "{text}");
+            assert!(e.message.contains("id"), "{text}: {e}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(text in ".*") {
+            let _ = ClientFrame::decode(&text);
+        }
+
+        #[test]
+        fn publish_round_trips(id in any::<u64>(), channel in "[a-z:0-9]{1,20}", n in any::<i64>(), s in ".*") {
+            let data = serde_json::json!({"n": n, "s": s});
+            let text = serde_json::json!({"type":"publish","id":id,"channel":channel,"data":data}).to_string();
+            match ClientFrame::decode(&text) {
+                Ok(ClientFrame::Publish { id: got_id, channel: got_channel, data: got_data }) => {
+                    prop_assert_eq!(got_id, id);
+                    prop_assert_eq!(got_channel.as_ref(), channel.as_str());
+                    let parsed: serde_json::Value = serde_json::from_str(got_data.get()).unwrap();
+                    prop_assert_eq!(parsed, data);
+                }
+                other => prop_assert!(false, "{:?}", other),
+            }
+        }
+
+        #[test]
+        fn subscribe_round_trips(id in any::<u64>(), channel in "\\PC{1,40}") {
+            let text = serde_json::json!({"type":"subscribe","id":id,"channel":channel}).to_string();
+            prop_assert_eq!(
+                ClientFrame::decode(&text).unwrap(),
+                ClientFrame::Subscribe { id, channel: channel.as_str().into() }
+            );
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! What travels over Redis Pub/Sub.
+//!
+//! Channels, under a configurable prefix (`pushgate` by default):
+//! - `{prefix}:ch:{channel}`, `{prefix}:user:{user}`, `{prefix}:broadcast`: an [`Envelope`].
+//!   Backends publish here directly; they may leave out everything but `data`.
+//! - `{prefix}:node:{instance}`: a [`NodeMessage`] for one node (session deliveries, liveness probes).
+//! - `{prefix}:control`: a [`ControlMessage`] for every node (disconnects, heartbeats).
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use thiserror::Error;
+
+use crate::RawJson;
+
+/// Longest `id` accepted from a publisher, in bytes.
+pub const MAX_ID_BYTES: usize = 128;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum EnvelopeError {
+    #[error("invalid JSON: {0}")]
+    Json(String),
+    #[error("missing field \"data\"")]
+    MissingData,
+    #[error("\"id\" must be 1 to {MAX_ID_BYTES} bytes")]
+    BadId,
+    #[error("missing field \"session\"")]
+    MissingSession,
+}
+
+/// A message for clients, as carried on a channel, user or broadcast topic.
+#[derive(Debug, Clone, Serialize)]
+pub struct Envelope<'a> {
+    /// Filled in by the receiving node when a backend leaves it out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<Cow<'a, str>>,
+    /// Unix milliseconds; filled in when missing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ts: Option<u64>,
+    /// The publishing user, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<Cow<'a, str>>,
+    /// The publishing node's instance ID. Backends leave it out so that every node delivers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Cow<'a, str>>,
+    pub data: &'a RawJson,
+}
+
+impl PartialEq for Envelope<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.id, self.ts, &self.from, &self.origin, self.data.get())
+            == (
+                &other.id,
+                other.ts,
+                &other.from,
+                &other.origin,
+                other.data.get(),
+            )
+    }
+}
+
+#[derive(Deserialize)]
+struct Loose<'a> {
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    ts: Option<u64>,
+    #[serde(borrow, default)]
+    from: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    origin: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    data: Option<&'a RawJson>,
+    #[serde(borrow, default)]
+    session: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    probe: Option<Cow<'a, str>>,
+}
+
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawJson>, D::Error> {
+    <&RawJson>::deserialize(d).map(Some)
+}
+
+impl<'a> Loose<'a> {
+    fn parse(payload: &'a [u8]) -> Result<Self, EnvelopeError> {
+        serde_json::from_slice(payload).map_err(|e| EnvelopeError::Json(e.to_string()))
+    }
+
+    fn into_envelope(self) -> Result<Envelope<'a>, EnvelopeError> {
+        if let Some(id) = &self.id
+            && (id.is_empty() || id.len() > MAX_ID_BYTES)
+        {
+            return Err(EnvelopeError::BadId);
+        }
+        Ok(Envelope {
+            id: self.id,
+            ts: self.ts,
+            from: self.from,
+            origin: self.origin,
+            data: self.data.ok_or(EnvelopeError::MissingData)?,
+        })
+    }
+}
+
+impl<'a> Envelope<'a> {
+    pub fn decode(payload: &'a [u8]) -> Result<Self, EnvelopeError> {
+        Loose::parse(payload)?.into_envelope()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("envelopes always serialize")
+    }
+}
+
+/// A message on a node's own topic.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeMessage<'a> {
+    /// Deliver to one local session.
+    Deliver {
+        session: Cow<'a, str>,
+        envelope: Envelope<'a>,
+    },
+    /// A liveness probe the node sent itself; seeing it proves the subscription works.
+    Probe { nonce: Cow<'a, str> },
+}
+
+impl<'a> NodeMessage<'a> {
+    pub fn decode(payload: &'a [u8]) -> Result<Self, EnvelopeError> {
+        let mut loose = Loose::parse(payload)?;
+        if let Some(nonce) = loose.probe.take() {
+            return Ok(Self::Probe { nonce });
+        }
+        let session = loose.session.take().ok_or(EnvelopeError::MissingSession)?;
+        Ok(Self::Deliver {
+            session,
+            envelope: loose.into_envelope()?,
+        })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Deliver<'b> {
+            session: &'b str,
+            #[serde(flatten)]
+            envelope: &'b Envelope<'b>,
+        }
+        #[derive(Serialize)]
+        struct Probe<'b> {
+            probe: &'b str,
+        }
+        let encoded = match self {
+            Self::Deliver { session, envelope } => {
+                serde_json::to_vec(&Deliver { session, envelope })
+            }
+            Self::Probe { nonce } => serde_json::to_vec(&Probe { probe: nonce }),
+        };
+        encoded.expect("node messages always serialize")
+    }
+}
+
+/// What one node tells every other node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ControlMessage {
+    /// Close every connection of `user`, with close code 4003.
+    Disconnect { user: String, origin: String },
+    /// Sent by every node at a fixed interval; a node unheard of for three intervals is gone.
+    Heartbeat(NodeStats),
+}
+
+/// A node's view of itself, as published in its heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStats {
+    pub node: String,
+    pub connections: u64,
+    pub users: u64,
+    pub channels: u64,
+    pub draining: bool,
+}
+
+impl ControlMessage {
+    pub fn decode(payload: &[u8]) -> Result<Self, EnvelopeError> {
+        serde_json::from_slice(payload).map_err(|e| EnvelopeError::Json(e.to_string()))
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("control messages always serialize")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_backend_may_send_data_alone() {
+        let e = Envelope::decode(br#"{"data":{"score":"2-1"}}"#).unwrap();
+        assert_eq!((e.id, e.ts, e.from, e.origin), (None, None, None, None));
+        assert_eq!(e.data.get(), r#"{"score":"2-1"}"#);
+    }
+
+    #[test]
+    fn envelope_round_trips() {
+        let data = RawJson::from_string("[1,true,null]".into()).unwrap();
+        let e = Envelope {
+            id: Some("0190".into()),
+            ts: Some(17),
+            from: Some("alice".into()),
+            origin: Some("node-a".into()),
+            data: &data,
+        };
+        let bytes = e.encode();
+        assert_eq!(Envelope::decode(&bytes).unwrap(), e);
+    }
+
+    #[test]
+    fn bad_envelopes_are_rejected_with_a_reason() {
+        assert_eq!(
+            Envelope::decode(br#"{"id":"x"}"#),
+            Err(EnvelopeError::MissingData)
+        );
+        assert_eq!(
+            Envelope::decode(br#"{"id":"","data":1}"#),
+            Err(EnvelopeError::BadId)
+        );
+        let long = format!(r#"{{"id":"{}","data":1}}"#, "x".repeat(MAX_ID_BYTES + 1));
+        assert_eq!(Envelope::decode(long.as_bytes()), Err(EnvelopeError::BadId));
+        for bad in [
+            &b"not json"[..],
+            b"",
+            b"[1]",
+            br#"{"data":1,"ts":-5}"#,
+            br#"{"data":1,"id":5}"#,
+            b"\xff\xfe",
+        ] {
+            assert!(
+                matches!(Envelope::decode(bad), Err(EnvelopeError::Json(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn null_data_is_kept() {
+        assert_eq!(
+            Envelope::decode(br#"{"data":null}"#).unwrap().data.get(),
+            "null"
+        );
+    }
+
+    #[test]
+    fn node_messages_round_trip() {
+        let data = RawJson::from_string(r#""hi""#.into()).unwrap();
+        let deliver = NodeMessage::Deliver {
+            session: "n1.abc".into(),
+            envelope: Envelope {
+                id: Some("i".into()),
+                ts: Some(1),
+                from: None,
+                origin: Some("n2".into()),
+                data: &data,
+            },
+        };
+        assert_eq!(NodeMessage::decode(&deliver.encode()).unwrap(), deliver);
+        let probe = NodeMessage::Probe { nonce: "42".into() };
+        assert_eq!(NodeMessage::decode(&probe.encode()).unwrap(), probe);
+        assert_eq!(
+            NodeMessage::decode(br#"{"data":1}"#),
+            Err(EnvelopeError::MissingSession)
+        );
+        assert_eq!(
+            NodeMessage::decode(br#"{"session":"s"}"#),
+            Err(EnvelopeError::MissingData)
+        );
+    }
+
+    #[test]
+    fn control_messages_round_trip() {
+        let msgs = [
+            ControlMessage::Disconnect {
+                user: "alice".into(),
+                origin: "n1".into(),
+            },
+            ControlMessage::Heartbeat(NodeStats {
+                node: "n1".into(),
+                connections: 3,
+                users: 2,
+                channels: 1,
+                draining: false,
+            }),
+        ];
+        for m in msgs {
+            assert_eq!(ControlMessage::decode(&m.encode()).unwrap(), m);
+        }
+        assert!(ControlMessage::decode(br#"{"op":"reboot"}"#).is_err());
+        assert!(ControlMessage::decode(br#"{"op":"disconnect"}"#).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Envelope::decode(&bytes);
+            let _ = NodeMessage::decode(&bytes);
+            let _ = ControlMessage::decode(&bytes);
+        }
+
+        #[test]
+        fn envelope_round_trips_any_fields(id in proptest::option::of("\\PC{1,30}"), ts in proptest::option::of(any::<u64>()),
+                                           from in proptest::option::of("\\PC{0,20}"), s in "\\PC*") {
+            let data = RawJson::from_string(serde_json::to_string(&s).unwrap()).unwrap();
+            let e = Envelope { id: id.map(Cow::Owned), ts, from: from.map(Cow::Owned), origin: None, data: &data };
+            let bytes = e.encode();
+            prop_assert_eq!(Envelope::decode(&bytes).unwrap(), e);
+        }
+    }
+}

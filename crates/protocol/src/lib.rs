@@ -1,0 +1,22 @@
+//! The pushgate wire protocol: what clients send ([`client`]), what the node sends back
+//! ([`server`]), what travels between nodes and backends over Redis ([`envelope`]), and the
+//! close codes ([`close`]).
+//!
+//! This crate does no IO. Every frame is a JSON object; decoding borrows from the input where it
+//! can, and message payloads (`data`) stay as raw JSON so a node never re-parses or
+//! re-serializes what a publisher sent.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod close;
+pub mod envelope;
+pub mod names;
+pub mod server;
+
+pub use client::{ClientFrame, DecodeError};
+pub use envelope::{ControlMessage, Envelope, NodeMessage};
+pub use names::{NameError, validate_channel, validate_user};
+pub use server::{ErrorCode, Target};
+
+/// Any JSON value, kept as its original text.
+pub type RawJson = serde_json::value::RawValue;
