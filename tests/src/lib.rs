@@ -1,1 +1,536 @@
+//! pushgate's test kit: a real `redis-server` on a free port, `pushgate` node processes, and a
+//! WebSocket client that speaks the protocol. Every wait is bounded; nothing sleeps blindly.
 
+use std::collections::VecDeque;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use jsonwebtoken::{EncodingKey, Header};
+use pushgate_protocol::server::{Delivery, ServerFrame};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single expected event may take before a test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub const SECRET: &str = "pushgate-test-secret";
+pub const API_KEY: &str = "pushgate-test-api-key";
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding 127.0.0.1:0")
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Signs `claims` with the test secret (HS256).
+pub fn sign(claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &Header::default(),
+        claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("signing")
+}
+
+/// A token for `sub` valid for an hour, allowed to subscribe to `channels` and publish to `publish`.
+pub fn token(sub: &str, channels: &[&str], publish: &[&str]) -> String {
+    sign(&json!({"sub": sub, "exp": unix_now() + 3600, "channels": channels, "publish": publish}))
+}
+
+/// Polls `check` until it returns true or `WAIT` passes.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// A `redis-server` of our own, on a free port, with nothing on disk.
+pub struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        let mut server = Self {
+            port: free_port(),
+            child: None,
+        };
+        server.launch();
+        server
+    }
+
+    fn launch(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (the test command installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        let client = redis::Client::open(self.url()).unwrap();
+        loop {
+            if let Ok(mut c) = client.get_connection()
+                && redis::cmd("PING").query::<String>(&mut c).is_ok()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Kills the server (SIGKILL) and waits until it is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connecting to the test redis")
+    }
+
+    /// `PUBLISH channel payload`, as a backend would. Returns the receiver count.
+    pub async fn publish(&self, channel: &str, payload: &str) -> i64 {
+        let mut c = self.connection().await;
+        redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(payload)
+            .query_async(&mut c)
+            .await
+            .expect("PUBLISH")
+    }
+
+    /// Channels that currently have subscribers (`PUBSUB CHANNELS pattern`).
+    pub async fn channels(&self, pattern: &str) -> Vec<String> {
+        let mut c = self.connection().await;
+        redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg(pattern)
+            .query_async(&mut c)
+            .await
+            .expect("PUBSUB CHANNELS")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Where `cargo` put the `pushgate` binary (`PUSHGATE_BIN` overrides).
+pub fn pushgate_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("PUSHGATE_BIN") {
+        return path.into();
+    }
+    // This test binary lives in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let bin = profile_dir.join("pushgate");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p pushgate` (cargo test --workspace builds it)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `pushgate serve` process.
+pub struct NodeProcess {
+    pub id: String,
+    pub addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl NodeProcess {
+    /// Starts a node with the test secret and API key, `extra` flags, and waits for `/healthz`.
+    pub async fn spawn(id: &str, redis_url: Option<&str>, extra: &[&str]) -> Self {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut cmd = Command::new(pushgate_bin());
+        cmd.arg("serve")
+            .args(["--listen", &addr.to_string(), "--instance-id", id])
+            .args(["--jwt-secret", SECRET, "--api-key", API_KEY])
+            .args(extra)
+            .env("PUSHGATE_LOG", "warn")
+            .stdout(Stdio::null());
+        if let Some(url) = redis_url {
+            cmd.args(["--redis-url", url]);
+        }
+        let child = cmd.spawn().expect("spawning pushgate");
+        let node = Self {
+            id: id.to_owned(),
+            addr,
+            child: Some(child),
+        };
+        let http = reqwest::Client::new();
+        eventually(&format!("node {id} healthy"), || {
+            let url = node.url("/healthz");
+            let http = http.clone();
+            async move {
+                http.get(url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            }
+        })
+        .await;
+        node
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("running")
+    }
+
+    /// Sends a signal with `kill(1)`.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} did not exit in {limit:?}",
+                self.id
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until `/readyz` answers `status`.
+    pub async fn wait_ready(&self, status: u16) {
+        let http = reqwest::Client::new();
+        eventually(&format!("node {} /readyz == {status}", self.id), || {
+            let (http, url) = (http.clone(), self.url("/readyz"));
+            async move {
+                http.get(url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().as_u16() == status)
+            }
+        })
+        .await;
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Calls the server API of the node at `base` (`http://host:port`).
+pub async fn api(base: &str, path: &str, body: &Value) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .bearer_auth(API_KEY)
+        .json(body)
+        .send()
+        .await
+        .expect("API request");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Reads a Prometheus counter or gauge (without labels, or with its full label set in `name`).
+pub async fn metric(base: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    text.lines()
+        .find_map(|line| {
+            let (key, value) = line.rsplit_once(' ')?;
+            (key == name).then(|| value.parse().ok())?
+        })
+        .unwrap_or(0.0)
+}
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A handshake the server refused.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: u16,
+    pub body: Value,
+}
+
+/// A protocol client for tests.
+pub struct Client {
+    ws: Socket,
+    pending: VecDeque<ServerFrame>,
+    next_id: u64,
+    pub session: String,
+    pub node: String,
+    pub user: String,
+}
+
+impl Client {
+    /// Connects with `Authorization: Bearer` and reads the welcome.
+    pub async fn connect(ws_url: &str, token: &str) -> Result<Self, Refused> {
+        let mut request = ws_url.into_client_request().expect("ws url");
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("header"),
+        );
+        Self::connect_request(request).await
+    }
+
+    pub async fn connect_request(
+        request: tungstenite::handshake::client::Request,
+    ) -> Result<Self, Refused> {
+        let ws = match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request)).await {
+            Err(_) => panic!("handshake timed out"),
+            Ok(Ok((ws, _))) => ws,
+            Ok(Err(tungstenite::Error::Http(response))) => {
+                let status = response.status().as_u16();
+                let body = response
+                    .body()
+                    .as_deref()
+                    .and_then(|b| serde_json::from_slice(b).ok())
+                    .unwrap_or(Value::Null);
+                return Err(Refused { status, body });
+            }
+            Ok(Err(e)) => panic!("handshake failed: {e}"),
+        };
+        let mut client = Self {
+            ws,
+            pending: VecDeque::new(),
+            next_id: 1,
+            session: String::new(),
+            node: String::new(),
+            user: String::new(),
+        };
+        match client.next_frame().await {
+            ServerFrame::Welcome {
+                session,
+                node,
+                user,
+                ..
+            } => {
+                client.session = session;
+                client.node = node;
+                client.user = user;
+            }
+            other => panic!("expected welcome, got {other:?}"),
+        }
+        Ok(client)
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws
+            .send(Message::Text(text.into()))
+            .await
+            .expect("send");
+    }
+
+    pub async fn send_raw(&mut self, msg: Message) {
+        self.ws.send(msg).await.expect("send");
+    }
+
+    /// The next server frame, whatever it is (pings are answered by the library).
+    async fn next_frame(&mut self) -> ServerFrame {
+        if let Some(f) = self.pending.pop_front() {
+            return f;
+        }
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("timed out waiting for a frame")
+                .expect("connection ended")
+                .expect("read error");
+            match msg {
+                Message::Text(t) => {
+                    return ServerFrame::decode(&t)
+                        .unwrap_or_else(|e| panic!("undecodable frame {t}: {e}"));
+                }
+                Message::Close(c) => panic!("closed by server: {c:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends a request (an `id` is added) and returns its reply; deliveries that arrive first
+    /// are kept for [`message`](Self::message).
+    pub async fn request(&mut self, mut body: Value) -> ServerFrame {
+        let id = self.next_id;
+        self.next_id += 1;
+        body["id"] = json!(id);
+        self.send_text(&body.to_string()).await;
+        self.reply_to(Some(id)).await
+    }
+
+    /// Waits for the reply (ack, pong or error) with `id`, keeping deliveries for later.
+    pub async fn reply_to(&mut self, id: Option<u64>) -> ServerFrame {
+        let mut kept = VecDeque::new();
+        let reply = loop {
+            let frame = match self.pending.pop_front() {
+                Some(f) => f,
+                None => self.read_one().await,
+            };
+            let matches = match &frame {
+                ServerFrame::Ack { id: i } | ServerFrame::Pong { id: i } => Some(*i) == id,
+                ServerFrame::Error { id: i, .. } => *i == id,
+                _ => false,
+            };
+            if matches {
+                break frame;
+            }
+            kept.push_back(frame);
+        };
+        kept.extend(self.pending.drain(..));
+        self.pending = kept;
+        reply
+    }
+
+    async fn read_one(&mut self) -> ServerFrame {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("timed out waiting for a reply")
+                .expect("connection ended")
+                .expect("read error");
+            match msg {
+                Message::Text(t) => return ServerFrame::decode(&t).expect("decodable frame"),
+                Message::Close(c) => panic!("closed by server: {c:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    pub async fn subscribe(&mut self, channel: &str) {
+        let reply = self
+            .request(json!({"type": "subscribe", "channel": channel}))
+            .await;
+        assert!(
+            matches!(reply, ServerFrame::Ack { .. }),
+            "subscribe {channel}: {reply:?}"
+        );
+    }
+
+    pub async fn publish(&mut self, channel: &str, data: Value) -> ServerFrame {
+        self.request(json!({"type": "publish", "channel": channel, "data": data}))
+            .await
+    }
+
+    /// The next delivery.
+    pub async fn message(&mut self) -> Delivery {
+        match self.next_frame().await {
+            ServerFrame::Message(d) => d,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    /// Deliveries up to and including the first whose `data` equals `sentinel`.
+    pub async fn messages_until(&mut self, sentinel: &Value) -> Vec<Delivery> {
+        let mut got = Vec::new();
+        loop {
+            let d = self.message().await;
+            let done = &d.data == sentinel;
+            got.push(d);
+            if done {
+                return got;
+            }
+        }
+    }
+
+    /// Waits for the server to close the connection; returns the close code.
+    pub async fn closed(&mut self) -> Option<u16> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.ws.next()).await {
+                Err(_) => panic!("connection not closed in {WAIT:?}"),
+                Ok(None) | Ok(Some(Err(_))) => return None,
+                Ok(Some(Ok(Message::Close(frame)))) => {
+                    return frame.map(|f| u16::from(f.code));
+                }
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self
+            .ws
+            .close(Some(tungstenite::protocol::CloseFrame {
+                code: CloseCode::Normal,
+                reason: "".into(),
+            }))
+            .await;
+    }
+}
