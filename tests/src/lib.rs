@@ -2,9 +2,11 @@
 //! WebSocket client that speaks the protocol. Every wait is bounded; nothing sleeps blindly.
 
 use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
@@ -76,32 +78,59 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start() -> Self {
-        let mut server = Self {
-            port: free_port(),
-            child: None,
-        };
-        server.launch();
-        server
+        // A port found free can be taken before the server binds it (tests run in parallel);
+        // then the server exits and another port is tried.
+        for _ in 0..10 {
+            let mut server = Self {
+                port: free_port(),
+                child: None,
+            };
+            if server.try_launch() {
+                return server;
+            }
+        }
+        panic!("redis-server found no free port in 10 tries");
     }
 
     fn launch(&mut self) {
-        let child = Command::new("redis-server")
+        assert!(
+            self.try_launch(),
+            "redis-server could not listen on port {} again",
+            self.port
+        );
+    }
+
+    /// Starts the server on `self.port`; false if it exited (the port was taken).
+    fn try_launch(&mut self) -> bool {
+        let mut child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (the test command installs it)");
-        self.child = Some(child);
+        let pid = child.id();
         let deadline = Instant::now() + WAIT;
         let client = redis::Client::open(self.url()).unwrap();
         loop {
-            if let Ok(mut c) = client.get_connection()
-                && redis::cmd("PING").query::<String>(&mut c).is_ok()
-            {
-                return;
+            if child.try_wait().expect("try_wait").is_some() {
+                return false;
             }
-            assert!(Instant::now() < deadline, "redis-server did not start");
+            // Whoever answers on the port must be this server, not another test's.
+            if let Ok(mut c) = client.get_connection()
+                && let Ok(info) = redis::cmd("INFO").arg("server").query::<String>(&mut c)
+                && info
+                    .lines()
+                    .any(|l| l.trim() == format!("process_id:{pid}"))
+            {
+                self.child = Some(child);
+                return true;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("redis-server did not start");
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -112,6 +141,17 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Sends a signal with `kill(1)`: `STOP` pauses the server with its connections open,
+    /// `CONT` resumes it.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().map(Child::id).expect("running");
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{name} failed");
     }
 
     /// Kills the server (SIGKILL) and waits until it is gone.
@@ -145,6 +185,31 @@ impl RedisServer {
             .query_async(&mut c)
             .await
             .expect("PUBLISH")
+    }
+
+    /// How many connections subscribe to `channel` (`PUBSUB NUMSUB`): with pushgate, how many
+    /// nodes, since a node holds one subscriber connection whatever its client count.
+    pub async fn numsub(&self, channel: &str) -> i64 {
+        let mut c = self.connection().await;
+        let (_, n): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channel)
+            .query_async(&mut c)
+            .await
+            .expect("PUBSUB NUMSUB");
+        n
+    }
+
+    /// Runs one command, e.g. `["CLIENT", "KILL", "TYPE", "pubsub"]`.
+    pub async fn command(&self, args: &[&str]) -> redis::Value {
+        let mut c = self.connection().await;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query_async(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
     }
 
     /// Channels that currently have subscribers (`PUBSUB CHANNELS pattern`).
@@ -185,6 +250,34 @@ pub fn pushgate_bin() -> PathBuf {
     bin
 }
 
+/// Reads a node's JSON log: sends the address of its "pushgate listening" line, and copies
+/// every other line to stderr (captured with the test's output).
+fn forward_log(
+    id: &str,
+    stdout: std::process::ChildStdout,
+) -> std::sync::mpsc::Receiver<SocketAddr> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let id = id.to_owned();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let listening = serde_json::from_str::<Value>(&line)
+                .ok()
+                .filter(|v| v["fields"]["message"] == "pushgate listening")
+                .and_then(|v| v["fields"]["addr"].as_str()?.parse::<SocketAddr>().ok());
+            match (listening, tx.take()) {
+                (Some(addr), Some(tx)) => drop(tx.send(addr)),
+                (_, tx_back) => {
+                    tx = tx_back;
+                    eprintln!("[{id}] {line}");
+                }
+            }
+        }
+    });
+    rx
+}
+
 /// A `pushgate serve` process.
 pub struct NodeProcess {
     pub id: String,
@@ -194,19 +287,38 @@ pub struct NodeProcess {
 
 impl NodeProcess {
     /// Starts a node with the test secret and API key, `extra` flags, and waits for `/healthz`.
+    ///
+    /// The node listens on a port the kernel picks and logs it; so parallel tests never race
+    /// for a port. Its other log lines (warnings and up) go to the test's stderr.
     pub async fn spawn(id: &str, redis_url: Option<&str>, extra: &[&str]) -> Self {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut cmd = Command::new(pushgate_bin());
         cmd.arg("serve")
-            .args(["--listen", &addr.to_string(), "--instance-id", id])
+            .args(["--listen", "127.0.0.1:0", "--instance-id", id])
             .args(["--jwt-secret", SECRET, "--api-key", API_KEY])
             .args(extra)
-            .env("PUSHGATE_LOG", "warn")
-            .stdout(Stdio::null());
+            .env("PUSHGATE_LOG", "warn,pushgate::server=info")
+            .env("PUSHGATE_LOG_FORMAT", "json")
+            .stdout(Stdio::piped());
         if let Some(url) = redis_url {
             cmd.args(["--redis-url", url]);
         }
-        let child = cmd.spawn().expect("spawning pushgate");
+        let mut child = cmd.spawn().expect("spawning pushgate");
+        let listening = forward_log(id, child.stdout.take().expect("piped stdout"));
+        let deadline = Instant::now() + WAIT;
+        let addr = loop {
+            if let Ok(addr) = listening.try_recv() {
+                break addr;
+            }
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                panic!("node {id} exited at start: {status}");
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("node {id} did not log its address in {WAIT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
         let node = Self {
             id: id.to_owned(),
             addr,
@@ -229,6 +341,20 @@ impl NodeProcess {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// `http://host:port`, for [`api`] and [`metric`].
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The status `/readyz` answers now.
+    pub async fn readyz(&self) -> u16 {
+        reqwest::get(self.url("/readyz"))
+            .await
+            .expect("GET /readyz")
+            .status()
+            .as_u16()
     }
 
     pub fn ws_url(&self) -> String {
@@ -291,12 +417,94 @@ impl Drop for NodeProcess {
     }
 }
 
+/// A `redis-server` and nodes `n1`, `n2`, ... joined to it.
+pub struct Cluster {
+    pub nodes: Vec<NodeProcess>,
+    pub redis: RedisServer,
+    barriers: AtomicU64,
+}
+
+impl Cluster {
+    /// Starts Redis and `size` nodes with `extra` flags, and waits until every node is ready.
+    pub async fn start(size: usize, extra: &[&str]) -> Self {
+        let redis = RedisServer::start();
+        let url = redis.url();
+        let ids: Vec<String> = (1..=size).map(|i| format!("n{i}")).collect();
+        let nodes = futures_util::future::join_all(
+            ids.iter()
+                .map(|id| NodeProcess::spawn(id, Some(&url), extra)),
+        )
+        .await;
+        for node in &nodes {
+            node.wait_ready(200).await;
+        }
+        Self {
+            nodes,
+            redis,
+            barriers: AtomicU64::new(0),
+        }
+    }
+
+    /// Publishes a sentinel broadcast straight on Redis and reads every client's deliveries up to
+    /// it; returns them without the sentinel, in arrival order, one list per client.
+    ///
+    /// Every node receives the sentinel on its one subscriber connection, after anything
+    /// published on Redis before it; what a node published itself it delivered locally before
+    /// publishing. So once a client has the sentinel, it has every message published (and
+    /// acknowledged) before the barrier: counting what came before it checks "exactly once"
+    /// and "not at all" without waiting for a fixed time. Every node must be subscribed.
+    pub async fn barrier(&self, clients: &mut [&mut Client]) -> Vec<Vec<Delivery>> {
+        let n = self.barriers.fetch_add(1, Ordering::Relaxed) + 1;
+        let sentinel = json!({ "barrier": n });
+        let payload = json!({ "data": sentinel }).to_string();
+        let receivers = self.redis.publish("pushgate:broadcast", &payload).await;
+        assert_eq!(
+            receivers,
+            self.nodes.len() as i64,
+            "every node must be subscribed to pushgate:broadcast for a barrier"
+        );
+        let mut all = Vec::with_capacity(clients.len());
+        for client in clients.iter_mut() {
+            let mut got = client.messages_until(&sentinel).await;
+            got.pop();
+            all.push(got);
+        }
+        all
+    }
+}
+
+/// The `data` of each delivery, as text (strings unquoted), sorted: for comparing what arrived
+/// regardless of interleaving between publishers.
+pub fn sorted_data(deliveries: &[Delivery]) -> Vec<String> {
+    let mut data: Vec<String> = deliveries
+        .iter()
+        .map(|d| match &d.data {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .collect();
+    data.sort();
+    data
+}
+
 /// Calls the server API of the node at `base` (`http://host:port`).
 pub async fn api(base: &str, path: &str, body: &Value) -> (u16, Value) {
     let response = reqwest::Client::new()
         .post(format!("{base}{path}"))
         .bearer_auth(API_KEY)
         .json(body)
+        .send()
+        .await
+        .expect("API request");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// `GET` on the server API of the node at `base`.
+pub async fn api_get(base: &str, path: &str) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .get(format!("{base}{path}"))
+        .bearer_auth(API_KEY)
         .send()
         .await
         .expect("API request");
@@ -485,6 +693,11 @@ impl Client {
     pub async fn publish(&mut self, channel: &str, data: Value) -> ServerFrame {
         self.request(json!({"type": "publish", "channel": channel, "data": data}))
             .await
+    }
+
+    /// The next frame that is not a reply (a delivery or a notice).
+    pub async fn frame(&mut self) -> ServerFrame {
+        self.next_frame().await
     }
 
     /// The next delivery.

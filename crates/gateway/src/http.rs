@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::ws::{
     Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
@@ -12,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
+use futures_util::SinkExt;
 use pushgate_protocol::{RawJson, Target, validate_channel, validate_user};
 use serde::Deserialize;
 use serde_json::json;
@@ -21,6 +23,9 @@ use tracing::{debug, warn};
 use crate::auth::{AuthError, Grant};
 use crate::node::{Node, Outgoing, Refusal, parse_session_id};
 use crate::session;
+
+/// How long `/echo` waits to deliver its close reply.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Errors of the HTTP layer, each with its status and a JSON body
 /// `{"error": "...", "reason": "...", "field": "..."}`.
@@ -118,6 +123,15 @@ struct TokenQuery {
     token: Option<String>,
 }
 
+/// The credentials of an `Authorization: Bearer ...` header (the scheme is case-insensitive).
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, credentials) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credentials.trim())
+}
+
 /// Checks everything a handshake needs before the upgrade: draining, Origin, token.
 fn admit_handshake(
     node: &Node,
@@ -134,11 +148,9 @@ fn admit_handshake(
     {
         return Err(HttpError::Origin);
     }
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let token = bearer.or(query.token.as_deref()).unwrap_or_default();
+    let token = bearer(headers)
+        .or(query.token.as_deref())
+        .unwrap_or_default();
     node.verifier.verify(token.trim()).map_err(|e| {
         node.metrics.auth_failure(e.label());
         debug!(reason = %e, "handshake refused");
@@ -154,7 +166,6 @@ fn configure(node: &Node, ws: WebSocketUpgrade) -> WebSocketUpgrade {
         .max_frame_size(transport_limit)
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
-        .max_write_buffer_size(4 * 1024 * 1024)
 }
 
 async fn ws(
@@ -194,6 +205,8 @@ async fn echo(
                     break;
                 }
             }
+            // Sends the close reply queued when the client's close frame was read.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.close()).await;
             drop(admission);
         }),
     )
@@ -218,7 +231,7 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         node.metrics.render(),
     )
@@ -230,11 +243,7 @@ fn check_api_key(node: &Node, headers: &HeaderMap) -> Result<(), HttpError> {
     let Some(expected) = &node.config.api_key else {
         return Err(HttpError::BadApiKey);
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
+    let given = bearer(headers).unwrap_or_default();
     if bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes())) {
         Ok(())
     } else {
@@ -252,22 +261,30 @@ fn bad(field: &str, reason: impl Into<String>) -> HttpError {
 
 /// Parses a JSON body, naming the offending field in the error.
 fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, HttpError> {
+    let invalid = |reason: String| HttpError::BadRequest {
+        field: None,
+        reason,
+    };
+    // Serde would also fill a struct from a JSON array, field by position.
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(invalid("the body must be a JSON object".into()));
+    }
     let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if inner.is_syntax() || inner.is_eof() || path == "." {
-            HttpError::BadRequest {
-                field: None,
-                reason: format!("invalid JSON body: {inner}"),
-            }
+            invalid(format!("invalid JSON body: {inner}"))
         } else {
             HttpError::BadRequest {
                 reason: format!("{path}: {inner}"),
                 field: Some(path),
             }
         }
-    })
+    })?;
+    de.end()
+        .map_err(|e| invalid(format!("invalid JSON body: {e}")))?;
+    Ok(value)
 }
 
 #[derive(Deserialize)]

@@ -395,6 +395,11 @@ impl Node {
             }
         }
         while self.hub.counts().connections > 0 && tokio::time::Instant::now() < deadline {
+            // A handshake that passed the draining check just before it was set registers its
+            // session after the snapshot above: close those too (closing twice is a no-op).
+            for s in self.hub.sessions() {
+                s.close(close::GOING_AWAY);
+            }
             tick.tick().await;
         }
         let left = self.hub.counts().connections;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpSocket};
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::info;
 
 use crate::auth::Verifier;
@@ -60,10 +60,13 @@ impl Server {
         let node = self.node.clone();
         info!(addr = %self.local_addr(), node = %node.instance, "pushgate listening");
         // The trace layer logs method and path only: a query string can carry a token.
+        // 503s from /readyz polls during an outage or a drain are expected: not errors.
         let app = http::router(node.clone()).layer(
-            TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
-                tracing::debug_span!("http", method = %req.method(), path = %req.uri().path())
-            }),
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &axum::http::Request<_>| {
+                    tracing::debug_span!("http", method = %req.method(), path = %req.uri().path())
+                })
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
         );
         let listener = self.listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use pushgate_protocol::server::{encode_ack, encode_error, encode_pong, encode_welcome};
+use pushgate_protocol::server::{
+    encode_ack, encode_error, encode_pong, encode_unsubscribed, encode_welcome,
+};
 use pushgate_protocol::{ClientFrame, ErrorCode, Target, close, validate_channel};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -28,7 +30,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 enum Stop {
     /// Close with this code.
     Close(u16),
-    /// The client closed, or the connection broke: nothing more to send.
+    /// The client sent a close frame: answer it, then stop.
+    ClosedByClient,
+    /// The connection broke: nothing more to send.
     Gone,
 }
 
@@ -99,12 +103,20 @@ fn too_big<E: std::error::Error + 'static>(e: &E) -> bool {
 }
 
 /// Runs a write under the node's write timeout; a client too slow to take it is a slow consumer.
-async fn bounded<T, X>(node: &Node, write: impl Future<Output = Result<T, X>>) -> Result<(), Stop> {
+async fn bounded<T, X>(
+    node: &Node,
+    handle: &SessionHandle,
+    write: impl Future<Output = Result<T, X>>,
+) -> Result<(), Stop> {
     match tokio::time::timeout(node.config.write_timeout, write).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(_)) => Err(Stop::Gone),
         Err(_) => {
-            node.metrics.drops.slow_consumer.inc();
+            // A stalled write often also overflows the queue, which closes the session as a
+            // slow consumer too: count the connection once.
+            if handle.close(close::SLOW_CONSUMER) {
+                node.metrics.drops.slow_consumer.inc();
+            }
             Err(Stop::Close(close::SLOW_CONSUMER))
         }
     }
@@ -136,8 +148,14 @@ where
             Ok(()) => self.run_loop(&mut stream, &mut outbound).await,
             Err(stop) => stop,
         };
-        if let Stop::Close(code) = stop {
-            self.close(code, &mut stream).await;
+        match stop {
+            Stop::Close(code) => self.close(code, &mut stream).await,
+            // Flushing sends the close reply the WebSocket layer queued when it read the
+            // client's close frame.
+            Stop::ClosedByClient => {
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.sink.close()).await;
+            }
+            Stop::Gone => {}
         }
 
         for channel in std::mem::take(&mut self.channels) {
@@ -223,7 +241,7 @@ where
         first: Frame,
         outbound: &mut mpsc::Receiver<Frame>,
     ) -> Result<(), Stop> {
-        let (node, sink) = (&self.node, &mut self.sink);
+        let (node, handle, sink) = (&self.node, &self.handle, &mut self.sink);
         let write = async {
             sink.feed(Message::Text(first)).await?;
             for _ in 1..WRITE_BATCH {
@@ -234,12 +252,12 @@ where
             }
             sink.flush().await
         };
-        bounded(node, write).await
+        bounded(node, handle, write).await
     }
 
     async fn send(&mut self, msg: Message) -> Result<(), Stop> {
-        let (node, sink) = (&self.node, &mut self.sink);
-        bounded(node, sink.send(msg)).await
+        let (node, handle, sink) = (&self.node, &self.handle, &mut self.sink);
+        bounded(node, handle, sink.send(msg)).await
     }
 
     async fn close<R, E>(&mut self, code: u16, stream: &mut R)
@@ -285,7 +303,7 @@ where
                 .await
             }
             Message::Ping(_) | Message::Pong(_) => Ok(()),
-            Message::Close(_) => Err(Stop::Gone),
+            Message::Close(_) => Err(Stop::ClosedByClient),
         }
     }
 
@@ -356,6 +374,17 @@ where
                 Ok(grant) if grant.user == self.grant.user => {
                     self.grant = grant;
                     *expires = self.expiry();
+                    // A new token can grant less: subscriptions it no longer allows end here.
+                    let revoked: Vec<Arc<str>> = (self.channels.iter())
+                        .filter(|c| !self.grant.subscribe.allows(c))
+                        .cloned()
+                        .collect();
+                    for channel in revoked {
+                        self.leave(&channel);
+                        let notice =
+                            encode_unsubscribed(&channel, "token no longer grants this channel");
+                        self.reply(notice).await?;
+                    }
                     self.reply(encode_ack(id)).await
                 }
                 Ok(_) => {
@@ -418,7 +447,7 @@ where
     }
 
     async fn unsubscribe(&mut self, id: u64, channel: &str) -> Result<(), Stop> {
-        let Some(at) = self.channels.iter().position(|c| &**c == channel) else {
+        if !self.leave(channel) {
             return self
                 .error(
                     Some(id),
@@ -426,10 +455,18 @@ where
                     "not subscribed to this channel",
                 )
                 .await;
+        }
+        self.reply(encode_ack(id)).await
+    }
+
+    /// Drops the subscription to `channel`; returns false if there was none.
+    fn leave(&mut self, channel: &str) -> bool {
+        let Some(at) = self.channels.iter().position(|c| &**c == channel) else {
+            return false;
         };
         self.channels.swap_remove(at);
         self.node.hub.leave(channel, self.handle.id);
         self.node.broker.release(&self.node.topics.channel(channel));
-        self.reply(encode_ack(id)).await
+        true
     }
 }

@@ -93,15 +93,22 @@ impl DecodeError {
 #[derive(Deserialize)]
 struct Loose<'a> {
     #[serde(rename = "type", borrow, default)]
-    kind: Option<Cow<'a, str>>,
+    kind: Option<&'a RawJson>,
     #[serde(borrow, default)]
     id: Option<&'a RawJson>,
     #[serde(borrow, default)]
-    channel: Option<Cow<'a, str>>,
+    channel: Option<&'a RawJson>,
     #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawJson>,
     #[serde(borrow, default)]
-    token: Option<Cow<'a, str>>,
+    token: Option<&'a RawJson>,
+}
+
+/// Reads a string field. Fields stay raw until the frame's `id` is known, so that a field of the
+/// wrong type is named in an error that still echoes the `id`.
+fn string<'a>(raw: &'a RawJson, name: &str, id: Option<u64>) -> Result<Cow<'a, str>, DecodeError> {
+    serde_json::from_str::<Cow<'a, str>>(raw.get())
+        .map_err(|_| DecodeError::new(id, format!("\"{name}\" must be a string")))
 }
 
 /// Keeps `"data": null` apart from a missing `data`: null is a valid payload.
@@ -112,6 +119,12 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawJson>, D::E
 impl<'a> ClientFrame<'a> {
     /// Decodes one text frame.
     pub fn decode(text: &'a str) -> Result<Self, DecodeError> {
+        if !crate::is_object(text.as_bytes()) {
+            return Err(DecodeError::new(
+                None,
+                "invalid frame: expected a JSON object",
+            ));
+        }
         let loose: Loose<'a> = serde_json::from_str(text)
             .map_err(|e| DecodeError::new(None, format!("invalid frame: {e}")))?;
         let id = match loose.id {
@@ -124,11 +137,16 @@ impl<'a> ClientFrame<'a> {
         let Some(kind) = loose.kind else {
             return Err(DecodeError::new(id, "missing field \"type\""));
         };
+        let kind = string(kind, "type", id)?;
         let Some(id) = id else {
             return Err(DecodeError::new(None, "missing field \"id\""));
         };
-        let need = |field: Option<Cow<'a, str>>, name: &str| {
-            field.ok_or_else(|| DecodeError::new(Some(id), format!("{kind} needs \"{name}\"")))
+        let need = |field: Option<&'a RawJson>, name: &str| match field {
+            Some(raw) => string(raw, name, Some(id)),
+            None => Err(DecodeError::new(
+                Some(id),
+                format!("{kind} needs \"{name}\""),
+            )),
         };
         Ok(match kind.as_ref() {
             "subscribe" => Self::Subscribe {
@@ -253,10 +271,8 @@ mod tests {
         assert_eq!(e.id, Some(8));
         assert!(e.message.contains("shout"));
         let e = err(r#"{"type":7,"id":9}"#);
-        assert_eq!(
-            e.id, None,
-            "a type that is not a string fails the JSON shape"
-        );
+        assert_eq!(e.id, Some(9));
+        assert!(e.message.contains("type"), "{e}");
     }
 
     #[test]
@@ -271,6 +287,18 @@ mod tests {
         ];
         for (text, field) in cases {
             let e = err(text);
+            assert!(e.message.contains(field), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn fields_of_the_wrong_type_are_named_and_the_id_echoed() {
+        for (text, field) in [
+            (r#"{"type":"subscribe","id":3,"channel":5}"#, "channel"),
+            (r#"{"type":"refresh","id":3,"token":["t"]}"#, "token"),
+        ] {
+            let e = err(text);
+            assert_eq!(e.id, Some(3), "{text}");
             assert!(e.message.contains(field), "{text}: {e}");
         }
     }

@@ -4,7 +4,7 @@
 //! |------|---------|-------------------------|
 //! | 1000 | normal closure | nothing |
 //! | 1001 | going away: the node is draining | reconnect at once (with jitter), to any node |
-//! | 1008 | policy violation (e.g. binary frame, Origin) | fix the client; do not retry blindly |
+//! | 1008 | policy violation (reserved; refusals happen at the handshake with HTTP 401/403) | fix the client |
 //! | 1009 | message too big | fix the client |
 //! | 1011 | internal error | reconnect with backoff |
 //! | 4001 | token expired | reconnect with a new token |

@@ -83,6 +83,9 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawJson>, D::E
 
 impl<'a> Loose<'a> {
     fn parse(payload: &'a [u8]) -> Result<Self, EnvelopeError> {
+        if !crate::is_object(payload) {
+            return Err(EnvelopeError::Json("expected a JSON object".into()));
+        }
         serde_json::from_slice(payload).map_err(|e| EnvelopeError::Json(e.to_string()))
     }
 
@@ -180,6 +183,9 @@ pub struct NodeStats {
 
 impl ControlMessage {
     pub fn decode(payload: &[u8]) -> Result<Self, EnvelopeError> {
+        if !crate::is_object(payload) {
+            return Err(EnvelopeError::Json("expected a JSON object".into()));
+        }
         serde_json::from_slice(payload).map_err(|e| EnvelopeError::Json(e.to_string()))
     }
 

@@ -20,3 +20,11 @@ pub use server::{ErrorCode, Target};
 
 /// Any JSON value, kept as its original text.
 pub type RawJson = serde_json::value::RawValue;
+
+/// Whether `json` is (at most) a JSON object. Every frame and envelope must be one: serde would
+/// otherwise also read a struct from an array of its fields in order.
+pub fn is_object(json: &[u8]) -> bool {
+    json.iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b == b'{')
+}

@@ -106,6 +106,10 @@ enum Reply<'a> {
     Pong {
         id: u64,
     },
+    Unsubscribed {
+        channel: &'a str,
+        reason: &'a str,
+    },
 }
 
 /// `{"type":"welcome",...}`, the first frame on a `/ws` connection.
@@ -124,6 +128,12 @@ pub fn encode_ack(id: u64) -> String {
 
 pub fn encode_pong(id: u64) -> String {
     to_string(&Reply::Pong { id })
+}
+
+/// `{"type":"unsubscribed",...}`: the node ended a subscription (e.g. a refreshed token no
+/// longer grants the channel).
+pub fn encode_unsubscribed(channel: &str, reason: &str) -> String {
+    to_string(&Reply::Unsubscribed { channel, reason })
 }
 
 /// `id` is `None` when the request's id could not be read.
@@ -151,6 +161,10 @@ pub enum ServerFrame {
     },
     Pong {
         id: u64,
+    },
+    Unsubscribed {
+        channel: String,
+        reason: String,
     },
     Message(Delivery),
 }
@@ -234,6 +248,13 @@ mod tests {
         assert_eq!(
             ServerFrame::decode(&encode_pong(4)).unwrap(),
             ServerFrame::Pong { id: 4 }
+        );
+        assert_eq!(
+            ServerFrame::decode(&encode_unsubscribed("room:1", "revoked")).unwrap(),
+            ServerFrame::Unsubscribed {
+                channel: "room:1".into(),
+                reason: "revoked".into()
+            }
         );
         assert_eq!(
             encode_error(None, ErrorCode::BadRequest, "invalid frame"),
