@@ -1,17 +1,17 @@
 //! This node's sessions, indexed by connection, user and channel, and local fan-out.
 //!
-//! Fan-out never waits: a frame is offered to each recipient's bounded queue with `try_send`,
-//! and a recipient whose queue is full is closed as a slow consumer. The frame is one shared,
-//! reference-counted buffer, so a delivery to 10,000 sessions copies no message bytes.
+//! Fan-out never waits: a frame is offered to each recipient's bounded queue, and a recipient
+//! whose queue is full is closed as a slow consumer. The frame is one shared, reference-counted
+//! buffer, so a delivery to 10,000 sessions copies no message bytes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
 use prometheus_client::metrics::counter::Counter;
 use pushgate_protocol::close;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::metrics::Drops;
@@ -19,43 +19,78 @@ use crate::metrics::Drops;
 /// An encoded text frame, shared by every recipient.
 pub type Frame = Utf8Bytes;
 
+/// A queue that holds more than this many frames' worth of capacity gives it back once drained.
+const KEEP_CAPACITY: usize = 32;
+
 /// The hub's side of one connection: its outbound queue and a way to close it.
+///
+/// The queue is a plain `VecDeque` behind a mutex rather than a channel: it allocates nothing
+/// while a connection is idle, which is what most connections are most of the time.
 pub struct SessionHandle {
     pub id: Uuid,
     pub user: Arc<str>,
-    tx: mpsc::Sender<Frame>,
+    queue: Mutex<VecDeque<Frame>>,
+    capacity: usize,
     /// The close code asked for; 0 while none is.
     close_code: AtomicU16,
+    /// Wakes the session's task: frames were queued, or a close was asked for.
     wake: Notify,
 }
 
 impl SessionHandle {
-    pub fn new(user: Arc<str>, queue: usize) -> (Arc<Self>, mpsc::Receiver<Frame>) {
-        let (tx, rx) = mpsc::channel(queue.max(1));
-        let handle = Arc::new(Self {
+    pub fn new(user: Arc<str>, capacity: usize) -> Arc<Self> {
+        Arc::new(Self {
             id: Uuid::new_v4(),
             user,
-            tx,
+            queue: Mutex::default(),
+            capacity: capacity.max(1),
             close_code: AtomicU16::new(0),
             wake: Notify::new(),
-        });
-        (handle, rx)
+        })
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Frame>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Queues a frame without waiting. Returns whether it was queued.
     fn deliver(&self, frame: &Frame, drops: &Drops) -> bool {
-        match self.tx.try_send(frame.clone()) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if self.close(close::SLOW_CONSUMER) {
-                    drops.slow_consumer.inc();
-                }
-                false
+        if self.close_code().is_some() {
+            drops.closed.inc();
+            return false;
+        }
+        let mut queue = self.queue();
+        if queue.len() >= self.capacity {
+            drop(queue);
+            if self.close(close::SLOW_CONSUMER) {
+                drops.slow_consumer.inc();
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                drops.closed.inc();
-                false
-            }
+            return false;
+        }
+        let was_empty = queue.is_empty();
+        queue.push_back(frame.clone());
+        drop(queue);
+        // A non-empty queue already has a wake-up pending, or a session about to look again.
+        if was_empty {
+            self.wake.notify_one();
+        }
+        true
+    }
+
+    /// The next queued frame, if any.
+    pub fn next_frame(&self) -> Option<Frame> {
+        let mut queue = self.queue();
+        let frame = queue.pop_front();
+        if queue.is_empty() && queue.capacity() > KEEP_CAPACITY {
+            *queue = VecDeque::new();
+        }
+        frame
+    }
+
+    /// Asks the session's task to look again (it stopped before the queue was empty).
+    pub fn rewake_if_pending(&self) {
+        if !self.queue().is_empty() {
+            self.wake.notify_one();
         }
     }
 
@@ -71,14 +106,16 @@ impl SessionHandle {
         first
     }
 
-    /// Resolves with the close code once [`close`](Self::close) was called.
-    pub async fn closing(&self) -> u16 {
-        loop {
-            match self.close_code.load(Ordering::Acquire) {
-                0 => self.wake.notified().await,
-                code => return code,
-            }
+    pub fn close_code(&self) -> Option<u16> {
+        match self.close_code.load(Ordering::Acquire) {
+            0 => None,
+            code => Some(code),
         }
+    }
+
+    /// Resolves when frames were queued or a close was asked for.
+    pub async fn woken(&self) {
+        self.wake.notified().await;
     }
 }
 
@@ -249,15 +286,15 @@ mod tests {
     #[test]
     fn channel_fan_out_reaches_members_only() {
         let (hub, m) = hub();
-        let (a, mut ra) = SessionHandle::new("alice".into(), 8);
-        let (b, mut rb) = SessionHandle::new("bob".into(), 8);
+        let a = SessionHandle::new("alice".into(), 8);
+        let b = SessionHandle::new("bob".into(), 8);
         assert!(hub.insert(&a) && hub.insert(&b));
         assert_eq!(hub.join("room", &a).map(|j| j.1), Some(true));
         assert_eq!(hub.join("room", &a), None, "joining twice is a no-op");
         let frame = Frame::from("x");
         assert_eq!(hub.to_channel("room", &frame), 1);
-        assert_eq!(ra.try_recv().unwrap(), frame);
-        assert!(rb.try_recv().is_err());
+        assert_eq!(a.next_frame(), Some(frame.clone()));
+        assert_eq!(b.next_frame(), None);
         assert_eq!(hub.to_channel("nobody", &frame), 0);
         assert_eq!(m.deliveries.get(), 1);
     }
@@ -265,15 +302,16 @@ mod tests {
     #[test]
     fn users_sessions_and_broadcast() {
         let (hub, _) = hub();
-        let (a1, r1) = SessionHandle::new("alice".into(), 8);
-        let (a2, r2) = SessionHandle::new("alice".into(), 8);
+        let a1 = SessionHandle::new("alice".into(), 8);
+        let a2 = SessionHandle::new("alice".into(), 8);
         assert!(hub.insert(&a1));
         assert!(!hub.insert(&a2), "second session of a user");
         let f = Frame::from("u");
         assert_eq!(hub.to_user("alice", &f), 2);
         assert!(hub.to_session(a2.id, &f));
         assert_eq!(hub.to_all(&f), 2);
-        assert_eq!((r1.len(), r2.len()), (2, 3));
+        let queued = |s: &SessionHandle| std::iter::from_fn(|| s.next_frame()).count();
+        assert_eq!((queued(&a1), queued(&a2)), (2, 3));
         assert!(!hub.remove(&a1));
         assert!(hub.remove(&a2), "last session of the user");
         assert_eq!(
@@ -289,15 +327,15 @@ mod tests {
     #[test]
     fn a_full_queue_closes_only_that_session() {
         let (hub, m) = hub();
-        let (slow, _keep_rx) = SessionHandle::new("slow".into(), 2);
-        let (fast, mut fast_rx) = SessionHandle::new("fast".into(), 8);
+        let slow = SessionHandle::new("slow".into(), 2);
+        let fast = SessionHandle::new("fast".into(), 8);
         hub.insert(&slow);
         hub.insert(&fast);
         hub.join("c", &slow);
         hub.join("c", &fast);
         for _ in 0..3 {
             hub.to_channel("c", &Frame::from("m"));
-            fast_rx.try_recv().unwrap();
+            fast.next_frame().unwrap();
         }
         assert_eq!(
             slow.close_code.load(Ordering::Acquire),
@@ -310,8 +348,8 @@ mod tests {
     #[test]
     fn leave_reports_the_last_member() {
         let (hub, _) = hub();
-        let (a, _ra) = SessionHandle::new("a".into(), 1);
-        let (b, _rb) = SessionHandle::new("b".into(), 1);
+        let a = SessionHandle::new("a".into(), 1);
+        let b = SessionHandle::new("b".into(), 1);
         hub.join("c", &a);
         assert_eq!(hub.join("c", &b).map(|j| j.1), Some(false));
         assert!(!hub.leave("c", a.id));
@@ -320,10 +358,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_first_close_code_wins() {
-        let (s, _rx) = SessionHandle::new("a".into(), 1);
+    async fn the_first_close_code_wins_and_wakes_the_session() {
+        let s = SessionHandle::new("a".into(), 1);
         assert!(s.close(close::GOING_AWAY));
         assert!(!s.close(close::DISCONNECTED));
-        assert_eq!(s.closing().await, close::GOING_AWAY);
+        s.woken().await;
+        assert_eq!(s.close_code(), Some(close::GOING_AWAY));
+    }
+
+    #[test]
+    fn a_drained_queue_gives_its_memory_back() {
+        let (hub, _) = hub();
+        let s = SessionHandle::new("a".into(), 1000);
+        hub.insert(&s);
+        for _ in 0..100 {
+            hub.to_session(s.id, &Frame::from("x"));
+        }
+        while s.next_frame().is_some() {}
+        assert_eq!(s.queue().capacity(), 0);
     }
 }

@@ -13,12 +13,11 @@ use pushgate_protocol::server::{
     encode_ack, encode_error, encode_pong, encode_unsubscribed, encode_welcome,
 };
 use pushgate_protocol::{ClientFrame, ErrorCode, Target, close, validate_channel};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{Instrument, debug, info_span};
+use tracing::{Instrument, debug, debug_span};
 
 use crate::auth::{Grant, unix_now};
-use crate::hub::{Frame, SessionHandle};
+use crate::hub::SessionHandle;
 use crate::node::{Admission, Node, Outgoing};
 
 /// Most queued deliveries written before one flush.
@@ -72,9 +71,9 @@ where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Send + 'static,
     E: std::error::Error + Send + Sync + 'static,
 {
-    let (handle, outbound) =
-        SessionHandle::new(grant.user.as_str().into(), node.config.outbound_queue);
-    let span = info_span!("session", session = %node.session_id(handle.id), user = %grant.user);
+    let handle = SessionHandle::new(grant.user.as_str().into(), node.config.outbound_queue);
+    // Debug level: at the default level no span data is kept per connection.
+    let span = debug_span!("session", session = %node.session_id(handle.id), user = %grant.user);
     let (sink, stream) = socket.split();
     let session = Session {
         bucket: Bucket {
@@ -87,7 +86,7 @@ where
         channels: Vec::new(),
         sink,
     };
-    session.serve(stream, outbound).instrument(span).await;
+    session.serve(stream).instrument(span).await;
     drop(admission);
 }
 
@@ -126,7 +125,7 @@ impl<W> Session<W>
 where
     W: Sink<Message> + Unpin,
 {
-    async fn serve<R, E>(mut self, mut stream: R, mut outbound: mpsc::Receiver<Frame>)
+    async fn serve<R, E>(mut self, mut stream: R)
     where
         R: Stream<Item = Result<Message, E>> + Unpin,
         E: std::error::Error + 'static,
@@ -135,7 +134,7 @@ where
         let user_topic = node.topics.user(&self.grant.user);
         node.hub.insert(&self.handle);
         // The user topic is live before the welcome, so a user message sent after it arrives.
-        node.broker.hold(&user_topic).await;
+        Box::pin(node.broker.hold(&user_topic)).await;
         let welcome = encode_welcome(
             &node.session_id(self.handle.id),
             &self.grant.user,
@@ -145,11 +144,11 @@ where
         debug!("connected");
 
         let stop = match self.send(Message::Text(welcome.into())).await {
-            Ok(()) => self.run_loop(&mut stream, &mut outbound).await,
+            Ok(()) => self.run_loop(&mut stream).await,
             Err(stop) => stop,
         };
         match stop {
-            Stop::Close(code) => self.close(code, &mut stream).await,
+            Stop::Close(code) => Box::pin(self.close(code, &mut stream)).await,
             // Flushing sends the close reply the WebSocket layer queued when it read the
             // client's close frame.
             Stop::ClosedByClient => {
@@ -172,7 +171,7 @@ where
         Instant::now() + Duration::from_secs(left) + self.node.config.jwt.jwt_leeway
     }
 
-    async fn run_loop<R, E>(&mut self, stream: &mut R, outbound: &mut mpsc::Receiver<Frame>) -> Stop
+    async fn run_loop<R, E>(&mut self, stream: &mut R) -> Stop
     where
         R: Stream<Item = Result<Message, E>> + Unpin,
         E: std::error::Error + 'static,
@@ -189,15 +188,16 @@ where
         loop {
             let result = tokio::select! {
                 biased;
-                code = handle.closing() => Err(Stop::Close(code)),
-                frame = outbound.recv() => match frame {
-                    Some(frame) => self.write_batch(frame, outbound).await,
-                    None => Err(Stop::Close(close::INTERNAL)),
+                () = handle.woken() => match handle.close_code() {
+                    Some(code) => Err(Stop::Close(code)),
+                    None => self.write_queued().await,
                 },
                 incoming = stream.next() => match incoming {
                     Some(Ok(msg)) => {
                         last_heard = Instant::now();
-                        self.on_message(msg, &mut expires).await
+                        // Boxed: request handling (publish, subscribe) holds large futures
+                        // only while it runs, instead of in every idle connection's task.
+                        Box::pin(self.on_message(msg, &mut expires)).await
                     }
                     Some(Err(e)) if too_big(&e) => {
                         self.node.metrics.drops.too_large.inc();
@@ -235,24 +235,27 @@ where
         }
     }
 
-    /// Writes `first` and whatever else is queued (up to a batch), then flushes once.
-    async fn write_batch(
-        &mut self,
-        first: Frame,
-        outbound: &mut mpsc::Receiver<Frame>,
-    ) -> Result<(), Stop> {
+    /// Writes what is queued (up to a batch), then flushes once.
+    async fn write_queued(&mut self) -> Result<(), Stop> {
         let (node, handle, sink) = (&self.node, &self.handle, &mut self.sink);
         let write = async {
-            sink.feed(Message::Text(first)).await?;
-            for _ in 1..WRITE_BATCH {
-                match outbound.try_recv() {
-                    Ok(frame) => sink.feed(Message::Text(frame)).await?,
-                    Err(_) => break,
-                }
+            let mut written = 0;
+            while written < WRITE_BATCH {
+                let Some(frame) = handle.next_frame() else {
+                    break;
+                };
+                sink.feed(Message::Text(frame)).await?;
+                written += 1;
             }
-            sink.flush().await
+            if written > 0 {
+                sink.flush().await?;
+            }
+            Ok::<(), W::Error>(())
         };
-        bounded(node, handle, write).await
+        bounded(node, handle, write).await?;
+        // A full batch may have left frames behind: come back for them after other events.
+        handle.rewake_if_pending();
+        Ok(())
     }
 
     async fn send(&mut self, msg: Message) -> Result<(), Stop> {

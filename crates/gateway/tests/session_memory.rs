@@ -277,3 +277,18 @@ async fn the_token_expiry_closes_the_session_with_4001() {
         "{after:?}"
     );
 }
+
+/// Every connection's task holds its session future for its whole life, so the future's size is
+/// memory per idle connection. Request handling is boxed so that it does not inflate it.
+#[tokio::test]
+async fn an_idle_session_task_stays_small() {
+    let node = node(&[]);
+    let grant = node.verifier.verify(&token("a", &[], &[])).unwrap();
+    let admission = node.admit(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+    let (_to_session, incoming) = mpsc::unbounded_channel();
+    let (outgoing, _from_session) = mpsc::unbounded_channel();
+    let socket = MemorySocket { incoming, outgoing };
+    let session = session::run(node.clone(), socket, grant, admission);
+    let size = std::mem::size_of_val(&session);
+    assert!(size <= 2048, "the session future is {size} bytes");
+}
