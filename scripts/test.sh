@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # pushgate's whole test suite, runnable on a fresh Debian machine with a Rust toolchain:
-# installs what the tests need (redis-server, openssl), then checks formatting and lints,
-# runs the unit, integration and cluster tests, and the Autobahn|Testsuite conformance cases
+# installs what the tests need (redis-server, openssl, Node.js, Chromium), then checks formatting
+# and lints, runs the unit, integration and cluster tests, the JavaScript SDK's tests and the
+# demo chat's browser test, and the Autobahn|Testsuite conformance cases
 # against /echo when the Autobahn runner is present (../shared/tools/autobahn or $AUTOBAHN_DIR).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -10,17 +11,33 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+# nginx lives in /usr/sbin, which a non-root PATH may lack.
+command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
+# The JavaScript SDK's tests (clients/js): Node's test runner, npm, and Chromium for the demo
+# chat's browser test.
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
+[[ -x /usr/bin/chromium ]] || missing+=(chromium)
 if ((${#missing[@]})); then
   echo "test: installing ${missing[*]} from Debian's packages"
   sudo=""
   [[ "$(id -u)" == 0 ]] || sudo="sudo"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  # Debian's package starts a system nginx on port 80; the tests run their own instances.
+  if [[ " ${missing[*]} " == *" nginx "* ]]; then
+    $sudo service nginx stop >/dev/null 2>&1 || true
+  fi
 fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+
+# The JavaScript SDK against real nodes (target/debug/pushgate, built by the tests above) and
+# Redis, and the demo chat in Chromium; screenshots go to target/screenshots/.
+cargo build -p pushgate --locked
+(cd clients/js && npm ci --no-audit --no-fund && node --test)
 
 autobahn_dir="${AUTOBAHN_DIR:-../shared/tools/autobahn}"
 if [[ -f "$autobahn_dir/run.sh" ]]; then

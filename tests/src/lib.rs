@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{EncodingKey, Header};
-use pushgate_protocol::server::{Delivery, ServerFrame};
+use pushgate_protocol::server::{Delivery, Position, PresenceEntry, ServerFrame};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -210,6 +210,56 @@ impl RedisServer {
         cmd.query_async(&mut c)
             .await
             .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    /// `FCALL pushgate_publish`, as a backend publishes into a history channel of the default
+    /// prefix: appends and publishes `envelope` (a JSON object). Returns the offset and epoch.
+    pub async fn publish_history(
+        &self,
+        channel: &str,
+        envelope: &str,
+        size: u64,
+        ttl_ms: u64,
+    ) -> (u64, String) {
+        let mut c = self.connection().await;
+        redis::cmd("FCALL")
+            .arg("pushgate_publish")
+            .arg(2)
+            .arg(format!("pushgate:history:{channel}"))
+            .arg(format!("pushgate:meta:{channel}"))
+            .arg(format!("pushgate:ch:{channel}"))
+            .arg(envelope)
+            .arg(size)
+            .arg(ttl_ms)
+            .query_async(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("FCALL pushgate_publish {channel}: {e}"))
+    }
+
+    /// The `CLIENT LIST` ID of `node`'s Pub/Sub connection: the one whose address is a local
+    /// address of one of the node process's sockets.
+    pub async fn pubsub_client_of(&self, node: &NodeProcess) -> String {
+        let ports = node.tcp_ports();
+        let mut c = self.connection().await;
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut c)
+            .await
+            .expect("CLIENT LIST");
+        list.lines()
+            .find_map(|line| {
+                let field = |name: &str| {
+                    line.split_whitespace()
+                        .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+                };
+                let port: u16 = field("addr")?.rsplit_once(':')?.1.parse().ok()?;
+                ports
+                    .contains(&port)
+                    .then(|| field("id").map(str::to_owned))?
+            })
+            .unwrap_or_else(|| panic!("no pubsub connection of {} in {list}", node.id))
     }
 
     /// Channels that currently have subscribers (`PUBSUB CHANNELS pattern`).
@@ -537,6 +587,28 @@ pub struct Refused {
     pub body: Value,
 }
 
+/// What the ack of a subscribe said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscribed {
+    /// The channel's position (history channels).
+    pub position: Option<Position>,
+    /// Whether the missed messages follow (subscribes with `since`).
+    pub recovered: Option<bool>,
+}
+
+impl Subscribed {
+    /// The position, which a history channel's ack must carry.
+    pub fn position(&self) -> &Position {
+        self.position
+            .as_ref()
+            .expect("a history channel's ack has a position")
+    }
+
+    pub fn recovered(&self) -> Option<bool> {
+        self.recovered
+    }
+}
+
 /// A protocol client for tests.
 pub struct Client {
     ws: Socket,
@@ -651,7 +723,9 @@ impl Client {
                 None => self.read_one().await,
             };
             let matches = match &frame {
-                ServerFrame::Ack { id: i } | ServerFrame::Pong { id: i } => Some(*i) == id,
+                ServerFrame::Ack { id: i, .. }
+                | ServerFrame::Pong { id: i }
+                | ServerFrame::Presence { id: i, .. } => Some(*i) == id,
                 ServerFrame::Error { id: i, .. } => *i == id,
                 _ => false,
             };
@@ -688,6 +762,40 @@ impl Client {
             matches!(reply, ServerFrame::Ack { .. }),
             "subscribe {channel}: {reply:?}"
         );
+    }
+
+    /// Subscribes with `since` (the last position seen) when given; returns the ack's
+    /// position and `recovered`.
+    pub async fn subscribe_since(&mut self, channel: &str, since: Option<&Position>) -> Subscribed {
+        let mut request = json!({"type": "subscribe", "channel": channel});
+        if let Some(p) = since {
+            request["since"] = json!({"offset": p.offset, "epoch": p.epoch});
+        }
+        match self.request(request).await {
+            ServerFrame::Ack {
+                position,
+                recovered,
+                ..
+            } => Subscribed {
+                position,
+                recovered,
+            },
+            other => panic!("subscribe {channel} (since {since:?}): {other:?}"),
+        }
+    }
+
+    /// Who is subscribed to `channel`, sorted by session ID.
+    pub async fn presence(&mut self, channel: &str) -> Vec<PresenceEntry> {
+        match self
+            .request(json!({"type": "presence", "channel": channel}))
+            .await
+        {
+            ServerFrame::Presence { mut clients, .. } => {
+                clients.sort_by(|a, b| a.session.cmp(&b.session));
+                clients
+            }
+            other => panic!("presence {channel}: {other:?}"),
+        }
     }
 
     pub async fn publish(&mut self, channel: &str, data: Value) -> ServerFrame {
@@ -745,5 +853,226 @@ impl Client {
                 reason: "".into(),
             }))
             .await;
+    }
+}
+
+impl NodeProcess {
+    /// Starts a node like [`spawn`](Self::spawn), but listening on `addr`: to bring a stopped
+    /// node back on the address its clients know.
+    pub async fn spawn_on(
+        id: &str,
+        addr: SocketAddr,
+        redis_url: Option<&str>,
+        extra: &[&str],
+    ) -> Self {
+        let mut cmd = Command::new(pushgate_bin());
+        cmd.arg("serve")
+            .args(["--listen", &addr.to_string(), "--instance-id", id])
+            .args(["--jwt-secret", SECRET, "--api-key", API_KEY])
+            .args(extra)
+            .env("PUSHGATE_LOG", "warn,pushgate::server=info")
+            .env("PUSHGATE_LOG_FORMAT", "json")
+            .stdout(Stdio::piped());
+        if let Some(url) = redis_url {
+            cmd.args(["--redis-url", url]);
+        }
+        let mut child = cmd.spawn().expect("spawning pushgate");
+        let listening = forward_log(id, child.stdout.take().expect("piped stdout"));
+        let deadline = Instant::now() + WAIT;
+        let bound = loop {
+            if let Ok(bound) = listening.try_recv() {
+                break bound;
+            }
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                panic!("node {id} exited at start on {addr}: {status}");
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("node {id} did not log its address in {WAIT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let node = Self {
+            id: id.to_owned(),
+            addr: bound,
+            child: Some(child),
+        };
+        let http = reqwest::Client::new();
+        eventually(&format!("node {id} healthy"), || {
+            let url = node.url("/healthz");
+            let http = http.clone();
+            async move {
+                http.get(url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            }
+        })
+        .await;
+        node
+    }
+
+    /// The local ports of the process's TCP sockets (Linux: `/proc`).
+    pub fn tcp_ports(&self) -> std::collections::HashSet<u16> {
+        let pid = self.pid();
+        let inodes: std::collections::HashSet<String> =
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .expect("reading /proc/PID/fd")
+                .filter_map(|e| {
+                    let target = std::fs::read_link(e.ok()?.path()).ok()?;
+                    let target = target.to_str()?;
+                    Some(
+                        target
+                            .strip_prefix("socket:[")?
+                            .strip_suffix(']')?
+                            .to_owned(),
+                    )
+                })
+                .collect();
+        let mut ports = std::collections::HashSet::new();
+        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            let Ok(text) = std::fs::read_to_string(table) else {
+                continue;
+            };
+            for line in text.lines().skip(1) {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                if cols.len() > 9
+                    && inodes.contains(cols[9])
+                    && let Some((_, port)) = cols[1].rsplit_once(':')
+                    && let Ok(port) = u16::from_str_radix(port, 16)
+                {
+                    ports.insert(port);
+                }
+            }
+        }
+        ports
+    }
+
+    /// Kills the process (SIGKILL) and waits until it is gone. Its clients see the
+    /// connection break without a close frame.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills the node and starts it again on the same address, with the same ID.
+    pub async fn restart(&mut self, redis_url: Option<&str>, extra: &[&str]) {
+        self.kill();
+        let restarted = Self::spawn_on(&self.id, self.addr, redis_url, extra).await;
+        *self = restarted;
+    }
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SseEvent {
+    /// `event:` (None for plain messages).
+    pub event: Option<String>,
+    pub id: Option<String>,
+    pub data: String,
+    /// Comment lines (`:ping`).
+    pub comments: Vec<String>,
+}
+
+impl SseEvent {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data)
+            .unwrap_or_else(|e| panic!("event data {:?}: {e}", self.data))
+    }
+}
+
+/// A client of `/sse`, reading the stream as it comes.
+pub struct SseClient {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    response: Option<reqwest::Response>,
+    buffer: String,
+}
+
+impl SseClient {
+    /// `GET {base}/sse?{query}` with `Authorization: Bearer token` and, when given,
+    /// `Last-Event-ID`.
+    pub async fn connect(
+        base: &str,
+        query: &str,
+        token: &str,
+        last_event_id: Option<&str>,
+    ) -> Self {
+        let mut request = reqwest::Client::new()
+            .get(format!("{base}/sse?{query}"))
+            .bearer_auth(token);
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id);
+        }
+        let response = tokio::time::timeout(WAIT, request.send())
+            .await
+            .expect("SSE response in time")
+            .expect("SSE request");
+        Self {
+            status: response.status().as_u16(),
+            headers: response.headers().clone(),
+            response: Some(response),
+            buffer: String::new(),
+        }
+    }
+
+    /// The body of a refused request, as JSON.
+    pub async fn refusal(mut self) -> Value {
+        let response = self.response.take().expect("response");
+        response.json().await.unwrap_or(Value::Null)
+    }
+
+    /// The next event or comment block; `None` when the stream ended.
+    pub async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            // Events end with a blank line.
+            let normalized = self.buffer.replace("\r\n", "\n");
+            if let Some(end) = normalized.find("\n\n") {
+                let block = normalized[..end].to_owned();
+                self.buffer = normalized[end + 2..].to_owned();
+                let mut event = SseEvent::default();
+                let mut data = Vec::new();
+                for line in block.lines() {
+                    if let Some(comment) = line.strip_prefix(':') {
+                        event.comments.push(comment.trim().to_owned());
+                        continue;
+                    }
+                    let (field, value) = line.split_once(':').unwrap_or((line, ""));
+                    let value = value.strip_prefix(' ').unwrap_or(value);
+                    match field {
+                        "event" => event.event = Some(value.to_owned()),
+                        "id" => event.id = Some(value.to_owned()),
+                        "data" => data.push(value.to_owned()),
+                        _ => {}
+                    }
+                }
+                event.data = data.join("\n");
+                return Some(event);
+            }
+            let response = self.response.as_mut()?;
+            let chunk = tokio::time::timeout(WAIT, response.chunk())
+                .await
+                .expect("timed out waiting for an SSE event");
+            match chunk {
+                Ok(Some(bytes)) => self.buffer.push_str(&String::from_utf8_lossy(&bytes)),
+                Ok(None) | Err(_) => {
+                    self.response = None;
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// The next event that is not a comment.
+    pub async fn event(&mut self) -> SseEvent {
+        loop {
+            let e = self.next().await.expect("the SSE stream ended");
+            if e.event.is_some() || !e.data.is_empty() {
+                return e;
+            }
+        }
     }
 }

@@ -74,7 +74,7 @@ pub async fn subscribe(ws: &mut Ws, channel: &str, id: u64) -> Result<(), String
         .map_err(|e| describe(&e))?;
     loop {
         match next_frame(ws).await? {
-            ServerFrame::Ack { id: got } if got == id => return Ok(()),
+            ServerFrame::Ack { id: got, .. } if got == id => return Ok(()),
             ServerFrame::Error { code, message, .. } => {
                 return Err(format!("subscribe refused: {}: {message}", code_name(code)));
             }

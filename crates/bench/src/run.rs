@@ -631,14 +631,19 @@ impl FanoutRun<'_> {
     }
 }
 
+/// Whether the publishers kept the step's rate: done within 5 % (and 50 ms) of the schedule.
+fn on_pace(r: &StepResult) -> bool {
+    let scheduled = r.sent.saturating_sub(1) as f64 / r.rate;
+    r.send_secs <= scheduled * 1.05 + 0.05
+}
+
 /// Whether a `--find-max` step is good: nothing lost or refused, on pace, p99 within bound.
 fn passes(r: &StepResult, p99_bound: Duration) -> bool {
-    let on_pace = r.sent < 10 || r.send_rate >= 0.95 * r.rate;
     r.loss == 0
         && r.accepted == r.sent
         && stats::total(&r.rejected) == 0
         && r.alive == r.subscribers
-        && on_pace
+        && on_pace(r)
         && r.latency.p99_ms <= p99_bound.as_secs_f64() * 1e3
 }
 
@@ -913,7 +918,7 @@ fn print_fanout(out: &FanoutResult<'_>) {
                 r.stale, r.out_of_order, r.other_frames
             ));
         }
-        if r.sent >= 10 && r.send_rate < 0.95 * r.rate {
+        if !on_pace(r) {
             notes.push(format!(
                 "publishers fell behind: {:.0} msg/s sent",
                 r.send_rate

@@ -178,10 +178,6 @@ pub async fn run(
     }
 }
 
-fn user(first: u64, i: u64) -> String {
-    format!("bench-{}", first + i)
-}
-
 fn token_for(spec: &Spec, sub: &str) -> anyhow::Result<Option<String>> {
     spec.token
         .as_ref()
@@ -189,12 +185,11 @@ fn token_for(spec: &Spec, sub: &str) -> anyhow::Result<Option<String>> {
         .transpose()
 }
 
-/// Opens `n` connections (global indices `first..first + n`) to `url_of(index)`, `concurrency`
-/// at a time, and hands each open one to `keep`.
+/// Opens a connection for each global index (user `bench-<index>`) to `url_of(index)`,
+/// `concurrency` at a time, and hands each open one to `keep`.
 async fn open_many(
     spec: &Spec,
-    n: u64,
-    first: u64,
+    indices: impl Iterator<Item = u64>,
     concurrency: usize,
     url_of: impl Fn(u64) -> String,
     mut keep: impl FnMut(u64, Ws),
@@ -202,10 +197,10 @@ async fn open_many(
     let start = Instant::now();
     let mut hist = stats::new_hist();
     let mut report = OpenReport::default();
-    let mut jobs = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
-    for i in 0..n {
-        let token = token_for(spec, &user(first, i))?;
-        jobs.push((first + i, url_of(first + i), token));
+    let mut jobs = Vec::new();
+    for index in indices {
+        let token = token_for(spec, &format!("bench-{index}"))?;
+        jobs.push((index, url_of(index), token));
     }
     let channel = spec.channel.clone();
     let mut results = stream::iter(jobs)
@@ -255,8 +250,7 @@ async fn idle(
     let mut held = Vec::new();
     let report = open_many(
         spec,
-        n,
-        first,
+        first..first + n,
         concurrency,
         |_| url.to_owned(),
         |_, ws| held.push(tokio::spawn(hold(ws, stop_rx.clone(), dropped.clone()))),
@@ -530,7 +524,7 @@ impl Fanout {
         let channel = spec.channel.clone();
         let url_of = move |g: u64| urls[usize::try_from(g).unwrap_or(0) % urls.len()].clone();
         let tasks = &mut self.tasks;
-        let mut keep = |g: u64, ws: Ws| {
+        let keep = |g: u64, ws: Ws| {
             let local = g - first;
             let reader = subscriber(
                 ws,
@@ -545,29 +539,11 @@ impl Fanout {
                 *slot = Some(tokio::spawn(reader));
             }
         };
-        match only {
-            None => {
-                open_many(
-                    &spec,
-                    self.subscribers,
-                    first,
-                    self.concurrency,
-                    url_of,
-                    &mut keep,
-                )
-                .await
-            }
-            Some(lost) => {
-                let mut total = OpenReport::default();
-                for local in lost {
-                    let one = open_many(&spec, 1, first + local, 1, &url_of, &mut keep).await?;
-                    total.opened += one.opened;
-                    total.failed += one.failed;
-                    stats::merge(&mut total.errors, &one.errors);
-                }
-                Ok(total)
-            }
-        }
+        let indices: Vec<u64> = match only {
+            None => (first..first + self.subscribers).collect(),
+            Some(lost) => lost.into_iter().map(|local| first + local).collect(),
+        };
+        open_many(&spec, indices.into_iter(), self.concurrency, url_of, keep).await
     }
 
     fn totals(&self) -> (u64, StepReport) {

@@ -231,7 +231,7 @@ async fn every_mode_against_the_baseline() {
 #[tokio::test]
 async fn says_when_a_run_needs_more_open_files() {
     let out = tokio::process::Command::new(BENCH)
-        .args(["baseline", "idle", "-n", "10000000"])
+        .args(["baseline", "idle", "-n", "2000000000"])
         .output()
         .await
         .expect("running pushgate-bench");

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -24,6 +24,10 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Print a token signed with the configured HS256 secret (for development and tests).
     Token(TokenArgs),
+    /// Publish one message, through a node's HTTP API or straight into Redis.
+    Publish(PublishArgs),
+    /// Subscribe to channels and print every delivery as one JSON line.
+    Subscribe(SubscribeArgs),
 }
 
 /// A secret from the command line or environment. Never printed.
@@ -188,6 +192,20 @@ pub struct ServeArgs {
     #[arg(long, env = "PUSHGATE_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = duration)]
     pub heartbeat_interval: Duration,
 
+    /// Channels that keep history, as `PATTERN=SIZE/TTL` (e.g. `chat:*=200/10m`: the last 200
+    /// messages, for 10 minutes after the last one). Repeat the flag, or comma-separate in the
+    /// environment. The first matching pattern applies.
+    #[arg(long = "history", env = "PUSHGATE_HISTORY", value_delimiter = ',')]
+    pub history: Vec<crate::history::HistoryRule>,
+    /// Most messages one recovery (a subscribe with `since`, or a gap) sends; further behind
+    /// is `recovered: false`.
+    #[arg(long, env = "PUSHGATE_HISTORY_RECOVERY_LIMIT", default_value_t = 1000)]
+    pub history_recovery_limit: u64,
+    /// Channels that track presence (who is subscribed), as glob patterns. Repeat the flag, or
+    /// comma-separate in the environment.
+    #[arg(long = "presence", env = "PUSHGATE_PRESENCE", value_delimiter = ',')]
+    pub presence: Vec<String>,
+
     /// Log format.
     #[arg(long, env = "PUSHGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -235,6 +253,62 @@ pub struct TokenArgs {
     pub jwt_audience: Option<String>,
 }
 
+/// `pushgate publish`: one message to exactly one target.
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("target").required(true).args(["channel", "user", "session", "broadcast"])))]
+pub struct PublishArgs {
+    /// Every subscriber of this channel.
+    #[arg(long)]
+    pub channel: Option<String>,
+    /// Every connection of this user.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// One connection, by its session ID (from its welcome).
+    #[arg(long)]
+    pub session: Option<String>,
+    /// Every connection.
+    #[arg(long)]
+    pub broadcast: bool,
+    /// The payload: any JSON value, delivered verbatim (`-` reads it from standard input).
+    #[arg(long)]
+    pub data: String,
+    /// Publish through the HTTP API of the node at this base URL, e.g. http://127.0.0.1:8080.
+    /// Without it the message goes straight into Redis (--redis-url).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// API key for --url.
+    #[arg(long, env = "PUSHGATE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<Secret>,
+    /// Publish straight into this Redis (redis://host:port/db), as a backend would.
+    #[arg(long, env = "PUSHGATE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<Secret>,
+    /// Prefix of the cluster's Redis channels.
+    #[arg(long, env = "PUSHGATE_REDIS_PREFIX", default_value = "pushgate")]
+    pub redis_prefix: String,
+}
+
+/// `pushgate subscribe`: a client that prints what it receives.
+#[derive(Args, Debug)]
+pub struct SubscribeArgs {
+    /// WebSocket URL, e.g. ws://127.0.0.1:8080/ws or wss://push.example.com/ws. Repeat it to try
+    /// several nodes in turn.
+    #[arg(long, required = true)]
+    pub url: Vec<String>,
+    /// The client token (JWT).
+    #[arg(long, env = "PUSHGATE_TOKEN", hide_env_values = true)]
+    pub token: Secret,
+    /// A channel to subscribe to; repeat for more. User, session and broadcast deliveries are
+    /// printed too.
+    #[arg(long = "channel")]
+    pub channels: Vec<String>,
+    /// Exit after this many deliveries.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// PEM file of the CA certificates to trust for wss:// (instead of the system's).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,6 +344,88 @@ mod tests {
         assert!(ServeArgs::parse_from(["--instance-id", "node-1_a"]).is_ok());
         assert!(ServeArgs::parse_from(["--instance-id", "has.dot"]).is_err());
         assert!(ServeArgs::parse_from(["--instance-id", ""]).is_err());
+    }
+
+    #[test]
+    fn publish_needs_exactly_one_target() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(
+                ["pushgate", "publish", "--data", "1"]
+                    .iter()
+                    .chain(args)
+                    .copied(),
+            )
+        };
+        assert!(parse(&["--channel", "a"]).is_ok());
+        assert!(parse(&["--broadcast"]).is_ok());
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--channel", "a", "--user", "u"]).is_err());
+        assert!(parse(&["--broadcast", "--session", "s"]).is_err());
+    }
+
+    #[test]
+    fn subscribe_takes_repeated_channels_and_urls() {
+        let cli = Cli::try_parse_from([
+            "pushgate",
+            "subscribe",
+            "--url",
+            "ws://a/ws",
+            "--url",
+            "ws://b/ws",
+            "--token",
+            "t",
+            "--channel",
+            "x",
+            "--channel",
+            "y",
+        ])
+        .unwrap();
+        let Command::Subscribe(args) = cli.command else {
+            panic!("{:?}", cli.command)
+        };
+        assert_eq!(args.url, ["ws://a/ws", "ws://b/ws"]);
+        assert_eq!(args.channels, ["x", "y"]);
+        assert!(!format!("{args:?}").contains("\"t\""));
+    }
+
+    #[test]
+    fn history_and_presence_patterns_parse() {
+        let args = ServeArgs::parse_from([
+            "--history",
+            "chat:*=200/10m",
+            "--history",
+            "a=b:*=1/500ms",
+            "--presence",
+            "room:*",
+            "--presence",
+            "lobby",
+        ])
+        .unwrap();
+        let rules: Vec<_> = args
+            .history
+            .iter()
+            .map(|r| (r.pattern.as_str(), r.size, r.ttl))
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                ("chat:*", 200, Duration::from_secs(600)),
+                ("a=b:*", 1, Duration::from_millis(500))
+            ]
+        );
+        assert_eq!(args.presence, ["room:*", "lobby"]);
+        assert_eq!(args.history_recovery_limit, 1000);
+        for bad in [
+            "chat:*",
+            "chat:*=200",
+            "chat:*=0/1m",
+            "chat:*=x/1m",
+            "chat:*=10/soon",
+            "chat:*=10/0s",
+            "=10/1m",
+        ] {
+            assert!(ServeArgs::parse_from(["--history", bad]).is_err(), "{bad}");
+        }
     }
 
     #[test]

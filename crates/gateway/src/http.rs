@@ -108,12 +108,21 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/echo", get(echo))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics));
+        .route("/metrics", get(metrics))
+        .route("/sse", get(sse))
+        .route("/", get(chat_page))
+        .route("/pushgate.js", get(sdk_script));
+    if node.config.dev {
+        router = router.route("/dev/token", get(dev_token));
+    }
     if node.config.api_key.is_some() {
         router = router
             .route("/api/publish", post(api_publish))
             .route("/api/disconnect", post(api_disconnect))
-            .route("/api/stats", get(api_stats));
+            .route("/api/stats", get(api_stats))
+            .route("/api/history/{*channel}", get(api_history))
+            .route("/api/presence/{*channel}", get(api_presence))
+            .route("/api/nodes", get(api_nodes));
     }
     router.with_state(node)
 }
@@ -164,7 +173,7 @@ fn configure(node: &Node, ws: WebSocketUpgrade) -> WebSocketUpgrade {
     let transport_limit = node.config.max_message_bytes.saturating_mul(4);
     ws.max_message_size(transport_limit)
         .max_frame_size(transport_limit)
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(1024)
         .write_buffer_size(0)
 }
 
@@ -350,8 +359,8 @@ async fn api_publish(
         return Err(HttpError::Unavailable);
     }
     node.metrics.messages_in.api.inc();
-    let id = node
-        .publish(Outgoing {
+    let published = node
+        .publish_message(Outgoing {
             target,
             from: None,
             data,
@@ -361,7 +370,12 @@ async fn api_publish(
             warn!(error = %e, "API publish did not reach the broker");
             HttpError::Unavailable
         })?;
-    Ok(Json(json!({ "id": id })).into_response())
+    let mut reply = json!({ "id": published.id });
+    if let Some((offset, epoch)) = published.position {
+        reply["offset"] = json!(offset);
+        reply["epoch"] = json!(&*epoch);
+    }
+    Ok(Json(reply).into_response())
 }
 
 #[derive(Deserialize)]
@@ -395,4 +409,181 @@ async fn api_stats(
 ) -> Result<Response, HttpError> {
     check_api_key(&node, &headers)?;
     Ok(Json(node.stats_doc()).into_response())
+}
+
+/// `GET /sse?channel=a&channel=b`: Server-Sent Events (see [`crate::sse`]). Same handshake
+/// checks as `/ws`.
+async fn sse(
+    State(node): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Response, HttpError> {
+    let param = |name: &str| {
+        pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let query = TokenQuery {
+        token: param("token"),
+    };
+    let grant = admit_handshake(&node, &headers, &query)?;
+    let last_event_id = param("last_event_id");
+    let channels = (pairs.into_iter())
+        .filter(|(k, _)| k == "channel")
+        .map(|(_, v)| v)
+        .collect();
+    Ok(crate::sse::open(
+        node,
+        peer,
+        &headers,
+        grant,
+        channels,
+        last_event_id,
+    ))
+}
+
+fn not_found(reason: &str) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({ "error": "not_found", "reason": reason })),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    since: Option<u64>,
+    limit: Option<u64>,
+}
+
+/// `GET /api/history/{channel}?since=N&limit=M`: the channel's epoch and last offset, and the
+/// messages after `since` that history holds (at most `limit`, at most the recovery limit).
+async fn api_history(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    axum::extract::Path(channel): axum::extract::Path<String>,
+    Query(query): Query<HistoryQuery>,
+) -> Result<Response, HttpError> {
+    check_api_key(&node, &headers)?;
+    validate_channel(&channel).map_err(|e| bad("channel", format!("channel {e}")))?;
+    let Some(rule) = node.policy.history(&channel) else {
+        return Ok(not_found(
+            "channel keeps no history (no --history pattern matches it)",
+        ));
+    };
+    let max = node.config.history_recovery_limit;
+    let limit = query.limit.unwrap_or(max).min(max);
+    let read = node
+        .read_history(&channel, rule, query.since.unwrap_or(0), limit)
+        .await
+        .map_err(|e| {
+            warn!(error = %e, "history read failed");
+            HttpError::Unavailable
+        })?;
+    let messages: Vec<Box<RawJson>> = (read.entries.iter())
+        .filter_map(|(_, frame)| RawJson::from_string(frame.to_string()).ok())
+        .collect();
+    Ok(Json(json!({
+        "channel": channel,
+        "epoch": &*read.epoch,
+        "offset": read.top,
+        "messages": messages,
+    }))
+    .into_response())
+}
+
+/// `GET /api/presence/{channel}`: who is subscribed, across the cluster.
+async fn api_presence(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    axum::extract::Path(channel): axum::extract::Path<String>,
+) -> Result<Response, HttpError> {
+    check_api_key(&node, &headers)?;
+    validate_channel(&channel).map_err(|e| bad("channel", format!("channel {e}")))?;
+    if !node.policy.presence(&channel) {
+        return Ok(not_found(
+            "channel tracks no presence (no --presence pattern matches it)",
+        ));
+    }
+    let clients = node.presence(&channel).await.map_err(|e| {
+        warn!(error = %e, "presence read failed");
+        HttpError::Unavailable
+    })?;
+    Ok(Json(json!({ "channel": channel, "clients": clients })).into_response())
+}
+
+/// `GET /api/nodes`: the live nodes of the cluster and their connection counts.
+async fn api_nodes(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+) -> Result<Response, HttpError> {
+    check_api_key(&node, &headers)?;
+    Ok(Json(json!({ "nodes": node.cluster() })).into_response())
+}
+
+/// The JavaScript SDK, served so that pages can `import { Pushgate } from "/pushgate.js"`.
+const SDK_SCRIPT: &str = include_str!("../../../clients/js/pushgate.js");
+
+/// The demo chat page served at `/`.
+const CHAT_PAGE: &str = include_str!("../assets/chat.html");
+
+/// Lifetime of a `/dev/token` token.
+const DEV_TOKEN_TTL: Duration = Duration::from_secs(3600);
+
+async fn sdk_script() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        SDK_SCRIPT,
+    )
+        .into_response()
+}
+
+async fn chat_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        CHAT_PAGE,
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct DevTokenQuery {
+    sub: Option<String>,
+}
+
+/// `GET /dev/token?sub=NAME`, routed only with `--dev`: a token for `NAME` that may subscribe
+/// and publish to every channel, valid for an hour, signed with the node's HS256 secret (404
+/// on a node that verifies tokens with a public key). Production apps mint tokens in their
+/// own backend instead (docs/clients.md).
+async fn dev_token(
+    State(node): State<Arc<Node>>,
+    Query(query): Query<DevTokenQuery>,
+) -> Result<Response, HttpError> {
+    let Some(secret) = &node.config.jwt.jwt_secret else {
+        return Ok(StatusCode::NOT_FOUND.into_response());
+    };
+    let sub = query.sub.unwrap_or_default();
+    validate_user(&sub).map_err(|e| bad("sub", format!("sub {e}")))?;
+    let spec = crate::auth::TokenSpec {
+        sub: sub.clone(),
+        channels: vec!["*".into()],
+        publish: vec!["*".into()],
+        ttl: DEV_TOKEN_TTL,
+        issuer: node.config.jwt.jwt_issuer.clone(),
+        audience: node.config.jwt.jwt_audience.clone(),
+    };
+    let token = crate::auth::mint(secret, &spec);
+    Ok((
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(json!({ "token": token, "user": sub, "expires_in": DEV_TOKEN_TTL.as_secs() })),
+    )
+        .into_response())
 }

@@ -3,6 +3,12 @@
 //! Fan-out never waits: a frame is offered to each recipient's bounded queue, and a recipient
 //! whose queue is full is closed as a slow consumer. The frame is one shared, reference-counted
 //! buffer, so a delivery to 10,000 sessions copies no message bytes.
+//!
+//! A message of a history channel is queued with a [`Tag`] (its channel, epoch and offset),
+//! shared by every recipient, which the session uses to deliver in offset order without
+//! duplicates and to fill gaps from history. The hub also remembers, per local history channel,
+//! the last position it delivered, so that the node can catch up after its Redis subscription
+//! was interrupted.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -22,6 +28,33 @@ pub type Frame = Utf8Bytes;
 /// A queue that holds more than this many frames' worth of capacity gives it back once drained.
 const KEEP_CAPACITY: usize = 32;
 
+/// Where a queued message sits in its history channel. One per message, shared by every
+/// recipient.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Tag {
+    pub channel: Arc<str>,
+    pub epoch: Arc<str>,
+    pub offset: u64,
+}
+
+impl Tag {
+    /// The offset of a notice that messages of `epoch` were lost for good.
+    pub const LOST: u64 = u64::MAX;
+
+    /// Whether this is a notice, not a message: messages of the epoch were lost and cannot be
+    /// recovered, so subscribers still on that epoch must recover themselves.
+    pub fn is_lost(&self) -> bool {
+        self.offset == Self::LOST
+    }
+}
+
+/// One queued delivery: the shared frame and, on history channels, its tag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    pub frame: Frame,
+    pub tag: Option<Arc<Tag>>,
+}
+
 /// The hub's side of one connection: its outbound queue and a way to close it.
 ///
 /// The queue is a plain `VecDeque` behind a mutex rather than a channel: it allocates nothing
@@ -29,7 +62,7 @@ const KEEP_CAPACITY: usize = 32;
 pub struct SessionHandle {
     pub id: Uuid,
     pub user: Arc<str>,
-    queue: Mutex<VecDeque<Frame>>,
+    queue: Mutex<VecDeque<Queued>>,
     capacity: usize,
     /// The close code asked for; 0 while none is.
     close_code: AtomicU16,
@@ -49,17 +82,27 @@ impl SessionHandle {
         })
     }
 
-    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Frame>> {
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Queued>> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Queues a frame without waiting. Returns whether it was queued.
-    fn deliver(&self, frame: &Frame, drops: &Drops) -> bool {
+    fn deliver(&self, frame: &Frame, tag: Option<&Arc<Tag>>, drops: &Drops) -> bool {
+        self.enqueue(frame, tag, drops, false)
+    }
+
+    /// Queues a frame unless the queue is full (a full queue closes the session as a slow
+    /// consumer) or, when `spare`, at least half full (then the frame is skipped: a history
+    /// message the session can read back from history when it notices the gap).
+    fn enqueue(&self, frame: &Frame, tag: Option<&Arc<Tag>>, drops: &Drops, spare: bool) -> bool {
         if self.close_code().is_some() {
             drops.closed.inc();
             return false;
         }
         let mut queue = self.queue();
+        if spare && queue.len() >= self.capacity / 2 {
+            return false;
+        }
         if queue.len() >= self.capacity {
             drop(queue);
             if self.close(close::SLOW_CONSUMER) {
@@ -68,7 +111,10 @@ impl SessionHandle {
             return false;
         }
         let was_empty = queue.is_empty();
-        queue.push_back(frame.clone());
+        queue.push_back(Queued {
+            frame: frame.clone(),
+            tag: tag.cloned(),
+        });
         drop(queue);
         // A non-empty queue already has a wake-up pending, or a session about to look again.
         if was_empty {
@@ -77,14 +123,19 @@ impl SessionHandle {
         true
     }
 
-    /// The next queued frame, if any.
-    pub fn next_frame(&self) -> Option<Frame> {
+    /// The next queued delivery, if any.
+    pub fn next_entry(&self) -> Option<Queued> {
         let mut queue = self.queue();
-        let frame = queue.pop_front();
+        let entry = queue.pop_front();
         if queue.is_empty() && queue.capacity() > KEEP_CAPACITY {
             *queue = VecDeque::new();
         }
-        frame
+        entry
+    }
+
+    /// The next queued frame, if any (without its tag).
+    pub fn next_frame(&self) -> Option<Frame> {
+        self.next_entry().map(|q| q.frame)
     }
 
     /// Asks the session's task to look again (it stopped before the queue was empty).
@@ -121,11 +172,17 @@ impl SessionHandle {
 
 type Members = HashMap<Uuid, Arc<SessionHandle>>;
 
+/// Per channel: the epoch and the highest offset seen.
+type Positions = HashMap<Arc<str>, (Arc<str>, u64)>;
+
 /// Local sessions. Locks are held only for map updates and for queueing (never across an await).
 pub struct Hub {
     sessions: RwLock<Members>,
     users: RwLock<HashMap<Arc<str>, Members>>,
     channels: RwLock<HashMap<Arc<str>, Members>>,
+    /// Per local history channel: the epoch and the highest offset delivered or read. Locked
+    /// after `channels` when both are.
+    seen: Mutex<Positions>,
     deliveries: Counter,
     drops: Drops,
 }
@@ -154,6 +211,7 @@ impl Hub {
             sessions: RwLock::default(),
             users: RwLock::default(),
             channels: RwLock::default(),
+            seen: Mutex::default(),
             deliveries,
             drops,
         }
@@ -210,41 +268,144 @@ impl Hub {
         let last = members.is_empty();
         if last {
             channels.remove(channel);
+            self.seen().remove(channel);
         }
         last
     }
 
-    fn offer(&self, members: &Members, frame: &Frame) -> usize {
+    fn seen(&self) -> std::sync::MutexGuard<'_, Positions> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn offer(&self, members: &Members, frame: &Frame, tag: Option<&Arc<Tag>>) -> usize {
         let sent = members
             .values()
-            .filter(|s| s.deliver(frame, &self.drops))
+            .filter(|s| s.deliver(frame, tag, &self.drops))
             .count();
         self.deliveries.inc_by(sent as u64);
         sent
+    }
+
+    /// Records that `channel` (a local channel, named by the hub's own `name`) reached
+    /// `offset` of `epoch`; returns the shared epoch string.
+    fn advance(&self, name: &Arc<str>, epoch: &str, offset: u64) -> Arc<str> {
+        let mut seen = self.seen();
+        match seen.get_mut(&**name) {
+            Some((e, o)) if &**e == epoch => {
+                *o = (*o).max(offset);
+                e.clone()
+            }
+            Some(entry) => {
+                *entry = (epoch.into(), offset);
+                entry.0.clone()
+            }
+            None => {
+                let e: Arc<str> = epoch.into();
+                seen.insert(name.clone(), (e.clone(), offset));
+                e
+            }
+        }
+    }
+
+    /// Queues `frame`, the message at `offset` of `epoch` on the history channel `channel`, to
+    /// its local subscribers, tagged; returns how many took it.
+    pub fn to_channel_at(&self, channel: &str, frame: &Frame, epoch: &str, offset: u64) -> usize {
+        self.to_channel_tagged(channel, frame, epoch, offset, false)
+    }
+
+    /// Like [`to_channel_at`](Self::to_channel_at) for a message being caught up on: skipped
+    /// (not queued, and no slow-consumer close) by sessions whose queue is half full; they read
+    /// it from history once a later message of the channel shows them the gap.
+    pub fn to_channel_spare(
+        &self,
+        channel: &str,
+        frame: &Frame,
+        epoch: &str,
+        offset: u64,
+    ) -> usize {
+        self.to_channel_tagged(channel, frame, epoch, offset, true)
+    }
+
+    fn to_channel_tagged(
+        &self,
+        channel: &str,
+        frame: &Frame,
+        epoch: &str,
+        offset: u64,
+        spare: bool,
+    ) -> usize {
+        let channels = read(&self.channels);
+        let Some((name, members)) = channels.get_key_value(channel) else {
+            return 0;
+        };
+        let tag = Arc::new(Tag {
+            channel: name.clone(),
+            epoch: self.advance(name, epoch, offset),
+            offset,
+        });
+        let tag = Some(&tag);
+        let sent = (members.values())
+            .filter(|s| s.enqueue(frame, tag, &self.drops, spare))
+            .count();
+        self.deliveries.inc_by(sent as u64);
+        sent
+    }
+
+    /// Tells the local subscribers of `channel` still on `epoch` that messages of it were lost
+    /// for good.
+    pub fn lost_at(&self, channel: &str, epoch: &str) {
+        let channels = read(&self.channels);
+        let Some((name, members)) = channels.get_key_value(channel) else {
+            return;
+        };
+        let tag = Arc::new(Tag {
+            channel: name.clone(),
+            epoch: epoch.into(),
+            offset: Tag::LOST,
+        });
+        for s in members.values() {
+            s.deliver(&Frame::from(""), Some(&tag), &self.drops);
+        }
+    }
+
+    /// Records a position read from history for a channel with local subscribers.
+    pub fn note_seen(&self, channel: &str, epoch: &str, offset: u64) {
+        let channels = read(&self.channels);
+        if let Some((name, _)) = channels.get_key_value(channel) {
+            self.advance(name, epoch, offset);
+        }
+    }
+
+    /// The last position of every local history channel.
+    pub fn seen_positions(&self) -> Vec<(Arc<str>, Arc<str>, u64)> {
+        self.seen()
+            .iter()
+            .map(|(c, (e, o))| (c.clone(), e.clone(), *o))
+            .collect()
     }
 
     /// Queues `frame` to every local subscriber of `channel`; returns how many took it.
     pub fn to_channel(&self, channel: &str, frame: &Frame) -> usize {
         read(&self.channels)
             .get(channel)
-            .map_or(0, |m| self.offer(m, frame))
+            .map_or(0, |m| self.offer(m, frame, None))
     }
 
     pub fn to_user(&self, user: &str, frame: &Frame) -> usize {
         read(&self.users)
             .get(user)
-            .map_or(0, |m| self.offer(m, frame))
+            .map_or(0, |m| self.offer(m, frame, None))
     }
 
     pub fn to_all(&self, frame: &Frame) -> usize {
-        self.offer(&read(&self.sessions), frame)
+        self.offer(&read(&self.sessions), frame, None)
     }
 
     pub fn to_session(&self, id: Uuid, frame: &Frame) -> bool {
         let sessions = read(&self.sessions);
         let sent = sessions
             .get(&id)
-            .is_some_and(|s| s.deliver(frame, &self.drops));
+            .is_some_and(|s| s.deliver(frame, None, &self.drops));
         self.deliveries.inc_by(u64::from(sent));
         sent
     }
@@ -355,6 +516,63 @@ mod tests {
         assert!(!hub.leave("c", a.id));
         assert!(hub.leave("c", b.id));
         assert!(!hub.leave("c", b.id));
+    }
+
+    #[test]
+    fn history_deliveries_are_tagged_and_positions_remembered() {
+        let (hub, _) = hub();
+        let a = SessionHandle::new("a".into(), 8);
+        let b = SessionHandle::new("b".into(), 8);
+        hub.join("h", &a);
+        hub.join("h", &b);
+        assert_eq!(hub.to_channel_at("h", &Frame::from("m1"), "e1", 1), 2);
+        assert_eq!(hub.to_channel_at("h", &Frame::from("m3"), "e1", 3), 2);
+        hub.note_seen("h", "e1", 2);
+        assert_eq!(hub.to_channel_at("nobody", &Frame::from("x"), "e1", 1), 0);
+        let first = a.next_entry().unwrap();
+        let tag = first.tag.clone().unwrap();
+        assert_eq!(
+            (&*tag.channel, &*tag.epoch, tag.offset, first.frame.as_str()),
+            ("h", "e1", 1, "m1")
+        );
+        // One tag per message, shared by every recipient.
+        assert!(Arc::ptr_eq(
+            &tag,
+            b.next_entry().unwrap().tag.as_ref().unwrap()
+        ));
+        assert_eq!(hub.seen_positions(), vec![("h".into(), "e1".into(), 3)]);
+        // A new epoch replaces the old position.
+        hub.to_channel_at("h", &Frame::from("n1"), "e2", 1);
+        assert_eq!(hub.seen_positions(), vec![("h".into(), "e2".into(), 1)]);
+        hub.lost_at("h", "e2");
+        let lost = std::iter::from_fn(|| a.next_entry()).last().unwrap();
+        assert!(lost.tag.unwrap().is_lost());
+        // The last local subscriber takes the position with it.
+        hub.leave("h", a.id);
+        hub.leave("h", b.id);
+        assert!(hub.seen_positions().is_empty());
+        hub.to_session(a.id, &Frame::from("plain"));
+    }
+
+    #[test]
+    fn caught_up_messages_are_skipped_by_busy_sessions_without_closing_them() {
+        let (hub, m) = hub();
+        let s = SessionHandle::new("a".into(), 4);
+        hub.join("h", &s);
+        assert_eq!(hub.to_channel_spare("h", &Frame::from("1"), "e", 1), 1);
+        assert_eq!(hub.to_channel_spare("h", &Frame::from("2"), "e", 2), 1);
+        assert_eq!(
+            hub.to_channel_spare("h", &Frame::from("3"), "e", 3),
+            0,
+            "half full"
+        );
+        assert_eq!(hub.to_channel_at("h", &Frame::from("4"), "e", 4), 1);
+        assert_eq!(s.close_code(), None);
+        assert_eq!(m.drops.slow_consumer.get(), 0);
+        let offsets: Vec<u64> = std::iter::from_fn(|| s.next_entry())
+            .map(|e| e.tag.unwrap().offset)
+            .collect();
+        assert_eq!(offsets, [1, 2, 4]);
     }
 
     #[tokio::test]

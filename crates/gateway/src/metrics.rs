@@ -27,6 +27,18 @@ pub struct Inbound {
     pub redis: Counter,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    result: &'static str,
+}
+
+/// Subscribes with a position, by outcome.
+#[derive(Clone)]
+pub struct Recoveries {
+    pub recovered: Counter,
+    pub not_recovered: Counter,
+}
+
 /// Why a delivery or connection was dropped.
 #[derive(Clone)]
 pub struct Drops {
@@ -54,6 +66,11 @@ pub struct Metrics {
     pub redis_probe_failures: Counter,
     pub redis_subscriptions: Gauge,
     pub redis_publish_seconds: Histogram,
+    pub history_recoveries: Recoveries,
+    /// Gaps in a connection's history messages filled from history.
+    pub history_gaps: Counter,
+    /// History subscriptions ended because history no longer held what was missed.
+    pub history_lost: Counter,
 }
 
 impl Default for Metrics {
@@ -166,6 +183,30 @@ impl Metrics {
             redis_publish_seconds.clone(),
         );
 
+        let recoveries = Family::<Outcome, Counter>::default();
+        registry.register(
+            "history_recoveries",
+            "Subscribes with a position, by result (recovered, not_recovered)",
+            recoveries.clone(),
+        );
+        let outcome = |r| recoveries.get_or_create_owned(&Outcome { result: r });
+        let history_recoveries = Recoveries {
+            recovered: outcome("recovered"),
+            not_recovered: outcome("not_recovered"),
+        };
+        let history_gaps = Counter::default();
+        registry.register(
+            "history_gaps",
+            "Gaps in a connection's history messages, filled from history",
+            history_gaps.clone(),
+        );
+        let history_lost = Counter::default();
+        registry.register(
+            "history_lost",
+            "History subscriptions ended (history_lost) because history no longer held what was missed",
+            history_lost.clone(),
+        );
+
         Self {
             registry: root,
             connections,
@@ -181,6 +222,9 @@ impl Metrics {
             redis_probe_failures,
             redis_subscriptions,
             redis_publish_seconds,
+            history_recoveries,
+            history_gaps,
+            history_lost,
         }
     }
 

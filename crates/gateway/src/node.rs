@@ -7,8 +7,10 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pushgate_protocol::envelope::{EnvelopeError, NodeStats};
-use pushgate_protocol::server::{MessageRef, encode_message};
-use pushgate_protocol::{ControlMessage, Envelope, NodeMessage, RawJson, Target, close};
+use pushgate_protocol::server::{MessageRef, encode_message, encode_message_at};
+use pushgate_protocol::{
+    ControlMessage, Envelope, NodeMessage, PresenceEntry, RawJson, Target, close,
+};
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -18,6 +20,7 @@ use uuid::Uuid;
 use crate::auth::Verifier;
 use crate::broker::{Broker, BrokerError, Inbound, RedisBroker, RedisSettings, Topic, Topics};
 use crate::config::ServeArgs;
+use crate::history::{HistoryRead, HistoryRule, MemoryHistory, Policy};
 use crate::hub::{Frame, Hub};
 use crate::metrics::Metrics;
 
@@ -29,6 +32,12 @@ pub struct Node {
     pub broker: Broker,
     pub topics: Topics,
     pub metrics: Arc<Metrics>,
+    /// Which channels keep history and track presence.
+    pub policy: Policy,
+    /// History with the embedded broker.
+    pub memory: MemoryHistory,
+    /// This node's presence entries: channel -> session ID -> entry.
+    presence: Mutex<HashMap<Arc<str>, HashMap<String, PresenceEntry>>>,
     connections: Arc<Semaphore>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     draining: AtomicBool,
@@ -36,6 +45,7 @@ pub struct Node {
     started: Instant,
     /// Stops the node's background tasks.
     pub shutdown: CancellationToken,
+    me: Weak<Node>,
 }
 
 /// Why a connection was not admitted.
@@ -75,6 +85,13 @@ pub struct Outgoing<'a> {
     pub data: &'a RawJson,
 }
 
+/// A published message: its ID and, on a history channel, its offset and epoch.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub id: String,
+    pub position: Option<(u64, Arc<str>)>,
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -96,6 +113,7 @@ impl Node {
         let metrics = Arc::new(Metrics::new());
         let topics = Topics::new(&config.redis_prefix);
         let shutdown = CancellationToken::new();
+        let policy = Policy::new(&config.history, &config.presence);
         let mut broker_error = None;
         let node = Arc::new_cyclic(|me: &Weak<Node>| {
             let broker = match &config.redis_url {
@@ -107,6 +125,7 @@ impl Node {
                         node_id: instance.to_string(),
                         timeout: config.redis_timeout,
                         probe_interval: config.redis_probe_interval,
+                        functions: policy.needs_functions(),
                     };
                     let inbound: Weak<dyn Inbound> = me.clone();
                     match RedisBroker::start(settings, inbound, metrics.clone(), shutdown.clone()) {
@@ -123,6 +142,9 @@ impl Node {
             }
             Node {
                 hub: Hub::new(metrics.deliveries.clone(), metrics.drops.clone()),
+                policy,
+                memory: MemoryHistory::default(),
+                presence: Mutex::default(),
                 connections: Arc::new(Semaphore::new(config.max_connections)),
                 per_ip: Mutex::default(),
                 draining: AtomicBool::new(false),
@@ -135,6 +157,7 @@ impl Node {
                 topics,
                 metrics,
                 shutdown,
+                me: me.clone(),
             }
         });
         if let Some(e) = broker_error {
@@ -208,6 +231,19 @@ impl Node {
     /// Delivers to this node's clients at once, then hands the message to the other nodes.
     /// Returns the message ID. An error means the other nodes may not have it.
     pub async fn publish(&self, out: Outgoing<'_>) -> Result<String, BrokerError> {
+        self.publish_message(out).await.map(|p| p.id)
+    }
+
+    /// Like [`publish`](Self::publish), with the message's position on a history channel. A
+    /// history channel's message goes through history: with Redis, atomically appended and
+    /// published by the `pushgate_publish` function, and delivered by every node (this one
+    /// included) when Redis hands it back; an error means it was not published at all.
+    pub async fn publish_message(&self, out: Outgoing<'_>) -> Result<Published, BrokerError> {
+        if let Target::Channel(channel) = out.target
+            && let Some(rule) = self.policy.history(channel)
+        {
+            return self.publish_history(channel, rule, out).await;
+        }
         let id = Uuid::now_v7().to_string();
         let ts = unix_millis();
         let m = MessageRef {
@@ -239,11 +275,171 @@ impl Node {
                     .encode(),
                 ),
                 // Local, or not a session ID at all: nowhere else to send it.
-                _ => return Ok(id),
+                _ => return Ok(Published { id, position: None }),
             },
         };
         self.broker.publish(&topic, &payload).await?;
-        Ok(id)
+        Ok(Published { id, position: None })
+    }
+
+    async fn publish_history(
+        &self,
+        channel: &str,
+        rule: &HistoryRule,
+        out: Outgoing<'_>,
+    ) -> Result<Published, BrokerError> {
+        let id = Uuid::now_v7().to_string();
+        let ts = unix_millis();
+        let m = MessageRef {
+            id: &id,
+            ts,
+            from: out.from,
+            target: out.target,
+            data: out.data,
+        };
+        let (offset, epoch) = match &self.broker {
+            Broker::Embedded => {
+                let (offset, epoch, _) = self.memory.publish(
+                    channel,
+                    rule,
+                    |offset, epoch| self.encode_at(&m, offset, epoch),
+                    |frame, offset, epoch| self.hub.to_channel_at(channel, frame, epoch, offset),
+                );
+                (offset, epoch)
+            }
+            Broker::Redis(redis) => {
+                let envelope = Envelope {
+                    id: Some(id.as_str().into()),
+                    ts: Some(ts),
+                    from: out.from.map(Into::into),
+                    origin: Some((*self.instance).into()),
+                    data: out.data,
+                };
+                let (offset, epoch) = redis
+                    .publish_history(
+                        &self.topics.history(channel),
+                        &self.topics.meta(channel),
+                        &self.topics.channel(channel),
+                        &envelope.encode(),
+                        rule.size,
+                        rule.ttl_ms(),
+                    )
+                    .await?;
+                (offset, epoch.into())
+            }
+        };
+        Ok(Published {
+            id,
+            position: Some((offset, epoch)),
+        })
+    }
+
+    fn encode_at(&self, m: &MessageRef<'_>, offset: u64, epoch: &str) -> Frame {
+        self.metrics.encodes.inc();
+        Frame::from(encode_message_at(m, offset, epoch))
+    }
+
+    /// The message frame of a history entry as the publish function stored it. A backend's
+    /// message without an `id` gets `{epoch}:{offset}`, the same on every node and every read.
+    fn history_frame(&self, channel: &str, payload: &[u8]) -> Result<(u64, Frame), EnvelopeError> {
+        let (e, stamp) = Envelope::decode_stamped(payload)?;
+        let stamp = stamp.ok_or(EnvelopeError::BadStamp)?;
+        let generated;
+        let id = match &e.id {
+            Some(id) => id.as_ref(),
+            None => {
+                generated = format!("{}:{}", stamp.epoch, stamp.offset);
+                &generated
+            }
+        };
+        let m = MessageRef {
+            id,
+            ts: e.ts.unwrap_or_else(unix_millis),
+            from: e.from.as_deref(),
+            target: Target::Channel(channel),
+            data: e.data,
+        };
+        Ok((stamp.offset, self.encode_at(&m, stamp.offset, &stamp.epoch)))
+    }
+
+    /// Reads a history channel: its epoch and last offset, and up to `limit` messages after
+    /// offset `after`, as message frames. A channel without history gets an epoch here.
+    pub async fn read_history(
+        &self,
+        channel: &str,
+        rule: &HistoryRule,
+        after: u64,
+        limit: u64,
+    ) -> Result<HistoryRead, BrokerError> {
+        match &self.broker {
+            Broker::Embedded => Ok(self.memory.read(channel, after, limit, rule.ttl)),
+            Broker::Redis(redis) => {
+                let (epoch, top, raw) = redis
+                    .read_history(
+                        &self.topics.history(channel),
+                        &self.topics.meta(channel),
+                        after,
+                        limit,
+                        rule.ttl_ms(),
+                    )
+                    .await?;
+                let mut entries = Vec::with_capacity(raw.len());
+                for (offset, payload) in raw {
+                    match self.history_frame(channel, &payload) {
+                        Ok((_, frame)) => entries.push((offset, frame)),
+                        Err(e) => {
+                            // Left out: the gap shows, and whoever needed it recovers.
+                            warn!(channel, offset, error = %e, "invalid message in history");
+                        }
+                    }
+                }
+                Ok(HistoryRead {
+                    epoch: epoch.into(),
+                    top,
+                    entries,
+                })
+            }
+        }
+    }
+
+    /// After the Redis subscription was interrupted: for every local history channel, delivers
+    /// (tagged) what history holds after the last message this node saw, so that subscribers
+    /// get it even if no later message arrives. Sessions drop what they already have.
+    async fn catch_up(self: Arc<Self>) {
+        let limit = self.config.history_recovery_limit;
+        for (channel, epoch, seen) in self.hub.seen_positions() {
+            let Some(rule) = self.policy.history(&channel) else {
+                continue;
+            };
+            match self.read_history(&channel, rule, seen, limit).await {
+                Ok(read) if read.epoch == epoch && read.top.saturating_sub(seen) > limit => {
+                    // More than one recovery may send: subscribers recover themselves.
+                    info!(%channel, missed = read.top - seen, "missed more than the recovery limit");
+                    self.hub.lost_at(&channel, &epoch);
+                }
+                Ok(read) if read.epoch == epoch => {
+                    debug!(%channel, from = seen, count = read.entries.len(), "catching up");
+                    // Into every connection's bounded queue, but never enough to overflow it:
+                    // a connection whose queue is half full skips them, and the newest (queued
+                    // as usual) shows it the gap, which it fills from history itself.
+                    if let Some(((last, newest), rest)) = read.entries.split_last() {
+                        for (offset, frame) in rest {
+                            self.hub.to_channel_spare(&channel, frame, &epoch, *offset);
+                        }
+                        self.hub.to_channel_at(&channel, newest, &epoch, *last);
+                    }
+                }
+                Ok(_) => {
+                    // The history this node was following is gone: what it missed of it
+                    // cannot be told apart from what it had. Its subscribers recover.
+                    info!(%channel, "history epoch changed while the subscription was down");
+                    self.hub.lost_at(&channel, &epoch);
+                }
+                Err(e) => {
+                    warn!(%channel, error = %e, "history catch-up failed; subscribers recover at the next message");
+                }
+            }
+        }
     }
 
     /// Closes every connection of `user` on every node.
@@ -259,8 +455,39 @@ impl Node {
         Ok(closed)
     }
 
+    /// A message on a channel topic: stamped (from history, delivered tagged, even our own:
+    /// the publishing node delivers history messages only when Redis hands them back) or plain.
+    fn on_channel(&self, channel: &str, payload: &[u8]) -> Result<(), EnvelopeError> {
+        let (e, stamp) = Envelope::decode_stamped(payload)?;
+        let Some(stamp) = stamp else {
+            return self.on_plain(Target::Channel(channel), e);
+        };
+        let generated;
+        let id = match &e.id {
+            Some(id) => id.as_ref(),
+            None => {
+                generated = format!("{}:{}", stamp.epoch, stamp.offset);
+                &generated
+            }
+        };
+        let m = MessageRef {
+            id,
+            ts: e.ts.unwrap_or_else(unix_millis),
+            from: e.from.as_deref(),
+            target: Target::Channel(channel),
+            data: e.data,
+        };
+        let frame = self.encode_at(&m, stamp.offset, &stamp.epoch);
+        self.hub
+            .to_channel_at(channel, &frame, &stamp.epoch, stamp.offset);
+        Ok(())
+    }
+
     fn on_envelope(&self, target: Target<'_>, payload: &[u8]) -> Result<(), EnvelopeError> {
-        let e = Envelope::decode(payload)?;
+        self.on_plain(target, Envelope::decode(payload)?)
+    }
+
+    fn on_plain(&self, target: Target<'_>, e: Envelope<'_>) -> Result<(), EnvelopeError> {
         if e.origin.as_deref() == Some(&*self.instance) {
             return Ok(()); // our own echo: delivered when published
         }
@@ -327,6 +554,154 @@ impl Node {
         Ok(())
     }
 
+    fn me(&self) -> Option<Arc<Node>> {
+        self.me.upgrade()
+    }
+
+    /// How long a presence entry lives without a refresh: three heartbeat intervals.
+    pub fn presence_ttl(&self) -> Duration {
+        self.config.heartbeat_interval * 3
+    }
+
+    fn presence_ttl_ms(&self) -> u64 {
+        (self.presence_ttl().as_millis() as u64).max(1)
+    }
+
+    /// Adds a local session to the entries of a presence channel.
+    pub async fn presence_join(&self, channel: &Arc<str>, session: &str, user: &str) {
+        let entry = PresenceEntry {
+            user: user.to_owned(),
+            session: session.to_owned(),
+            node: self.instance.to_string(),
+            joined_at: unix_millis(),
+        };
+        let json = serde_json::to_string(&entry).unwrap_or_default();
+        lock(&self.presence)
+            .entry(channel.clone())
+            .or_default()
+            .insert(session.to_owned(), entry);
+        if let Broker::Redis(redis) = &self.broker {
+            let group = (
+                self.topics.presence(channel),
+                self.topics.presence_exp(channel),
+                vec![(session.to_owned(), json)],
+            );
+            if let Err(e) = redis.presence_add(&[group], self.presence_ttl_ms()).await {
+                warn!(%channel, error = %e, "presence entry not added");
+            }
+        }
+    }
+
+    /// Removes a local session from the entries of these channels (those that track presence).
+    pub fn presence_leave(&self, session: &str, channels: &[Arc<str>]) {
+        let mut removed = Vec::new();
+        {
+            let mut presence = lock(&self.presence);
+            for channel in channels {
+                if let Some(entries) = presence.get_mut(channel) {
+                    if entries.remove(session).is_some() {
+                        removed.push(channel.clone());
+                    }
+                    if entries.is_empty() {
+                        presence.remove(channel);
+                    }
+                }
+            }
+        }
+        if removed.is_empty() {
+            return;
+        }
+        if let (Broker::Redis(redis), Some(node)) = (&self.broker, self.me()) {
+            let redis = redis.clone();
+            let groups: Vec<_> = removed
+                .iter()
+                .map(|c| {
+                    (
+                        node.topics.presence(c),
+                        node.topics.presence_exp(c),
+                        vec![session.to_owned()],
+                    )
+                })
+                .collect();
+            tokio::spawn(async move {
+                if let Err(e) = redis.presence_remove(&groups).await {
+                    warn!(error = %e, "presence entries not removed; they expire");
+                }
+            });
+        }
+    }
+
+    /// Who is subscribed to a presence channel, across the cluster, by join time.
+    pub async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>, BrokerError> {
+        let mut entries: Vec<PresenceEntry> = match &self.broker {
+            Broker::Embedded => lock(&self.presence)
+                .get(channel)
+                .map(|e| e.values().cloned().collect())
+                .unwrap_or_default(),
+            Broker::Redis(redis) => redis
+                .presence_list(
+                    &self.topics.presence(channel),
+                    &self.topics.presence_exp(channel),
+                )
+                .await?
+                .iter()
+                .filter_map(|json| serde_json::from_slice(json).ok())
+                .collect(),
+        };
+        entries.sort_by(|a, b| (a.joined_at, &a.session).cmp(&(b.joined_at, &b.session)));
+        Ok(entries)
+    }
+
+    /// This node's presence entries as `(hash, zset, items)` groups of at most 500 items.
+    fn presence_groups<T: Clone>(
+        &self,
+        item: impl Fn(&String, &PresenceEntry) -> T,
+    ) -> Vec<(String, String, Vec<T>)> {
+        const CHUNK: usize = 500;
+        let presence = lock(&self.presence);
+        let mut groups = Vec::new();
+        for (channel, entries) in presence.iter() {
+            let items: Vec<T> = entries.iter().map(|(s, e)| item(s, e)).collect();
+            for chunk in items.chunks(CHUNK) {
+                groups.push((
+                    self.topics.presence(channel),
+                    self.topics.presence_exp(channel),
+                    chunk.to_vec(),
+                ));
+            }
+        }
+        groups
+    }
+
+    /// Writes every local presence entry again (after Redis may have lost them).
+    async fn presence_readd(&self) -> Result<(), BrokerError> {
+        let Broker::Redis(redis) = &self.broker else {
+            return Ok(());
+        };
+        let groups = self.presence_groups(|session, entry| {
+            (
+                session.clone(),
+                serde_json::to_string(entry).unwrap_or_default(),
+            )
+        });
+        if groups.is_empty() {
+            return Ok(());
+        }
+        redis.presence_add(&groups, self.presence_ttl_ms()).await
+    }
+
+    /// Extends this node's presence entries (every heartbeat).
+    async fn presence_touch(&self) -> Result<(), BrokerError> {
+        let Broker::Redis(redis) = &self.broker else {
+            return Ok(());
+        };
+        let groups = self.presence_groups(|session, _| session.clone());
+        if groups.is_empty() {
+            return Ok(());
+        }
+        redis.presence_touch(&groups, self.presence_ttl_ms()).await
+    }
+
     /// This node's figures.
     pub fn stats(&self) -> NodeStats {
         let c = self.hub.counts();
@@ -367,6 +742,9 @@ impl Node {
             let beat = ControlMessage::Heartbeat(self.stats()).encode();
             if let Err(e) = self.broker.publish(self.topics.control(), &beat).await {
                 debug!(error = %e, "heartbeat not sent");
+            }
+            if let Err(e) = self.presence_touch().await {
+                debug!(error = %e, "presence entries not refreshed");
             }
         }
     }
@@ -417,7 +795,7 @@ impl Inbound for Node {
         let result = match self.topics.parse(topic) {
             Some(Topic::Channel(c)) => {
                 self.metrics.messages_in.redis.inc();
-                self.on_envelope(Target::Channel(c), payload)
+                self.on_channel(c, payload)
             }
             Some(Topic::User(u)) => {
                 self.metrics.messages_in.redis.inc();
@@ -435,6 +813,21 @@ impl Inbound for Node {
             self.metrics.redis_invalid.inc();
             warn!(topic, error = %e, "dropping invalid message from redis");
         }
+    }
+
+    fn on_ready(&self, reconnect: bool) {
+        if !reconnect {
+            return;
+        }
+        let Some(node) = self.me() else {
+            return;
+        };
+        tokio::spawn(node.clone().catch_up());
+        tokio::spawn(async move {
+            if let Err(e) = node.presence_readd().await {
+                warn!(error = %e, "presence entries not restored after reconnecting");
+            }
+        });
     }
 }
 

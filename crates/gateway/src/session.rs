@@ -2,7 +2,15 @@
 //! and closes the connection when its token expires or the node asks it to.
 //!
 //! [`run`] is generic over the socket (any `Stream` + `Sink` of WebSocket messages), so it can
-//! be driven without a network.
+//! be driven without a network. [`run_sse`] serves an SSE stream with the same session, through
+//! a sink that turns frames into events (see [`crate::sse`]).
+//!
+//! On history channels the session delivers in offset order, once: it keeps, per history
+//! subscription, the epoch and the last offset it delivered. A queued message at or below it is
+//! a duplicate (dropped); one just above it is sent; one further above is a gap, filled from
+//! history before it is sent, or, when history no longer holds the gap, the subscription ends
+//! with an `unsubscribed` notice (`history_lost`) so that the client recovers by subscribing
+//! again with its position.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,14 +18,16 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use pushgate_protocol::server::{
-    encode_ack, encode_error, encode_pong, encode_unsubscribed, encode_welcome,
+    UNSUBSCRIBED_HISTORY_LOST, UNSUBSCRIBED_REVOKED, encode_ack, encode_error, encode_pong,
+    encode_presence, encode_subscribed, encode_unsubscribed, encode_welcome,
 };
 use pushgate_protocol::{ClientFrame, ErrorCode, Target, close, validate_channel};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span};
 
 use crate::auth::{Grant, unix_now};
-use crate::hub::SessionHandle;
+use crate::history::HistoryRead;
+use crate::hub::{Frame, Queued, SessionHandle, Tag};
 use crate::node::{Admission, Node, Outgoing};
 
 /// Most queued deliveries written before one flush.
@@ -33,6 +43,8 @@ enum Stop {
     ClosedByClient,
     /// The connection broke: nothing more to send.
     Gone,
+    /// End an SSE stream after what was sent (the client reconnects and recovers).
+    End,
 }
 
 /// Per-connection token bucket for client requests. Two words; the rate and burst live in the
@@ -56,13 +68,82 @@ impl Bucket {
     }
 }
 
+/// One subscription of the session.
+struct Sub {
+    name: Arc<str>,
+    /// On history channels: what this session delivered last.
+    track: Option<Track>,
+}
+
+struct Track {
+    epoch: Arc<str>,
+    /// The last offset delivered (or skipped over at subscribe time) in `epoch`.
+    upto: u64,
+}
+
+/// What to do with a queued history message.
+enum Verdict {
+    Send,
+    Skip,
+    /// Messages between the last delivered and this one are missing.
+    Gap,
+    /// Messages of the tracked epoch were lost for good.
+    Lost,
+}
+
+/// Where a subscribe resumes from.
+#[derive(Clone, Copy)]
+enum Resume<'a> {
+    /// Nowhere: deliver from now on.
+    No,
+    /// A WebSocket subscribe's `since`.
+    Since(u64, &'a str),
+    /// An SSE `Last-Event-ID`: positions on several channels, told apart by their epochs.
+    AnyOf(&'a [(u64, String)]),
+}
+
+impl Resume<'_> {
+    fn asked(&self) -> bool {
+        !matches!(self, Self::No)
+    }
+
+    /// The offset to resume from on a channel whose current epoch is `epoch`.
+    fn offset_in(&self, epoch: &str) -> Option<u64> {
+        match self {
+            Self::No => None,
+            Self::Since(offset, e) => (*e == epoch).then_some(*offset),
+            Self::AnyOf(list) => list.iter().find(|(_, e)| e == epoch).map(|(o, _)| *o),
+        }
+    }
+
+    /// The offset to read history after, before the epoch is known.
+    fn guess(&self) -> Option<u64> {
+        match self {
+            Self::No => None,
+            Self::Since(offset, _) => Some(*offset),
+            Self::AnyOf([(offset, _)]) => Some(*offset),
+            Self::AnyOf(_) => None,
+        }
+    }
+}
+
 struct Session<W> {
     node: Arc<Node>,
     handle: Arc<SessionHandle>,
     grant: Grant,
-    channels: Vec<Arc<str>>,
+    channels: Vec<Sub>,
     bucket: Bucket,
     sink: W,
+    /// Serving an SSE stream: no client requests, no heartbeat replies to wait for.
+    sse: bool,
+}
+
+/// What an SSE stream subscribes to.
+#[derive(Debug, Clone, Default)]
+pub struct SseStart {
+    pub channels: Vec<String>,
+    /// Positions from `Last-Event-ID` (`epoch:offset`, comma-separated), when it was sent.
+    pub resume: Option<Vec<(u64, String)>>,
 }
 
 /// Serves one authenticated connection until it closes.
@@ -85,8 +166,41 @@ where
         grant,
         channels: Vec::new(),
         sink,
+        sse: false,
     };
-    session.serve(stream).instrument(span).await;
+    session.serve(stream, None).instrument(span).await;
+    drop(admission);
+}
+
+/// Serves one SSE stream until it ends: `sink` takes the frames (welcome, subscribe acks,
+/// deliveries, notices, pings, the close), `stream` ends when the client goes away.
+pub async fn run_sse<W, R, E>(
+    node: Arc<Node>,
+    sink: W,
+    stream: R,
+    grant: Grant,
+    admission: Admission,
+    start: SseStart,
+) where
+    W: Sink<Message> + Unpin + Send + 'static,
+    R: Stream<Item = Result<Message, E>> + Unpin + Send + 'static,
+    E: std::error::Error + 'static,
+{
+    let handle = SessionHandle::new(grant.user.as_str().into(), node.config.outbound_queue);
+    let span = debug_span!("sse", session = %node.session_id(handle.id), user = %grant.user);
+    let session = Session {
+        bucket: Bucket {
+            tokens: f64::from(node.config.client_burst),
+            at: Instant::now(),
+        },
+        node,
+        handle,
+        grant,
+        channels: Vec::new(),
+        sink,
+        sse: true,
+    };
+    session.serve(stream, Some(start)).instrument(span).await;
     drop(admission);
 }
 
@@ -106,9 +220,9 @@ async fn bounded<T, X>(
     node: &Node,
     handle: &SessionHandle,
     write: impl Future<Output = Result<T, X>>,
-) -> Result<(), Stop> {
+) -> Result<T, Stop> {
     match tokio::time::timeout(node.config.write_timeout, write).await {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(value)) => Ok(value),
         Ok(Err(_)) => Err(Stop::Gone),
         Err(_) => {
             // A stalled write often also overflows the queue, which closes the session as a
@@ -125,7 +239,7 @@ impl<W> Session<W>
 where
     W: Sink<Message> + Unpin,
 {
-    async fn serve<R, E>(mut self, mut stream: R)
+    async fn serve<R, E>(mut self, mut stream: R, sse: Option<SseStart>)
     where
         R: Stream<Item = Result<Message, E>> + Unpin,
         E: std::error::Error + 'static,
@@ -143,7 +257,11 @@ where
         );
         debug!("connected");
 
-        let stop = match self.send(Message::Text(welcome.into())).await {
+        let mut started = self.send(Message::Text(welcome.into())).await;
+        if let (Ok(()), Some(start)) = (&started, sse) {
+            started = Box::pin(self.subscribe_sse(start)).await;
+        }
+        let stop = match started {
             Ok(()) => self.run_loop(&mut stream).await,
             Err(stop) => stop,
         };
@@ -151,19 +269,42 @@ where
             Stop::Close(code) => Box::pin(self.close(code, &mut stream)).await,
             // Flushing sends the close reply the WebSocket layer queued when it read the
             // client's close frame.
-            Stop::ClosedByClient => {
+            Stop::ClosedByClient | Stop::End => {
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.sink.close()).await;
             }
             Stop::Gone => {}
         }
 
-        for channel in std::mem::take(&mut self.channels) {
-            node.hub.leave(&channel, self.handle.id);
-            node.broker.release(&node.topics.channel(&channel));
+        let subs = std::mem::take(&mut self.channels);
+        let presence: Vec<Arc<str>> = (subs.iter())
+            .filter(|s| node.policy.presence(&s.name))
+            .map(|s| s.name.clone())
+            .collect();
+        for sub in subs {
+            node.hub.leave(&sub.name, self.handle.id);
+            node.broker.release(&node.topics.channel(&sub.name));
+        }
+        if !presence.is_empty() {
+            node.presence_leave(&node.session_id(self.handle.id), &presence);
         }
         node.hub.remove(&self.handle);
         node.broker.release(&user_topic);
         debug!("disconnected");
+    }
+
+    /// The SSE stream's subscriptions, with recovery from `Last-Event-ID`. A subscription that
+    /// fails (the broker is down) ends the stream after its error event.
+    async fn subscribe_sse(&mut self, start: SseStart) -> Result<(), Stop> {
+        let resume = match &start.resume {
+            Some(list) => Resume::AnyOf(list),
+            None => Resume::No,
+        };
+        for (i, channel) in start.channels.iter().enumerate() {
+            if !self.subscribe(i as u64 + 1, channel, resume).await? {
+                return Err(Stop::End);
+            }
+        }
+        Ok(())
     }
 
     fn expiry(&self) -> Instant {
@@ -178,6 +319,8 @@ where
     {
         let ping_interval = self.node.config.ping_interval;
         let silence_limit = ping_interval + self.node.config.pong_timeout;
+        // An SSE client sends nothing: its going away ends the stream instead.
+        let watch_silence = !self.sse;
         let mut last_heard = Instant::now();
         let mut next_ping = last_heard + ping_interval;
         let mut expires = self.expiry();
@@ -213,7 +356,7 @@ where
                     let now = Instant::now();
                     if now >= expires {
                         Err(Stop::Close(close::TOKEN_EXPIRED))
-                    } else if now.duration_since(last_heard) > silence_limit {
+                    } else if watch_silence && now.duration_since(last_heard) > silence_limit {
                         self.node.metrics.drops.heartbeat_timeout.inc();
                         Err(Stop::Close(close::HEARTBEAT_TIMEOUT))
                     } else if now >= next_ping {
@@ -228,34 +371,146 @@ where
                 return stop;
             }
             // A refresh may have moved the expiry; silence is checked at the next ping.
-            let next_check = next_ping
-                .min(expires)
-                .min(last_heard + silence_limit + Duration::from_millis(1));
+            let mut next_check = next_ping.min(expires);
+            if watch_silence {
+                next_check = next_check.min(last_heard + silence_limit + Duration::from_millis(1));
+            }
             timer.as_mut().reset(next_check.max(Instant::now()));
         }
     }
 
-    /// Writes what is queued (up to a batch), then flushes once.
+    /// Writes what is queued (up to a batch), then flushes once. History messages go through
+    /// the session's per-channel position: duplicates are dropped, gaps filled first.
     async fn write_queued(&mut self) -> Result<(), Stop> {
+        let mut budget = WRITE_BATCH;
+        while budget > 0 {
+            let (node, handle, sink, subs) =
+                (&self.node, &self.handle, &mut self.sink, &mut self.channels);
+            let write = async {
+                let mut written = 0;
+                let mut stopped_at = None;
+                while written < budget {
+                    let Some(entry) = handle.next_entry() else {
+                        break;
+                    };
+                    let verdict = match &entry.tag {
+                        None => Verdict::Send,
+                        Some(tag) => classify(subs, tag),
+                    };
+                    match verdict {
+                        Verdict::Send => {
+                            sink.feed(Message::Text(entry.frame)).await?;
+                            written += 1;
+                        }
+                        Verdict::Skip => {}
+                        Verdict::Gap | Verdict::Lost => {
+                            stopped_at = Some((entry, matches!(verdict, Verdict::Lost)));
+                            break;
+                        }
+                    }
+                }
+                if written > 0 {
+                    sink.flush().await?;
+                }
+                Ok::<_, W::Error>((written, stopped_at))
+            };
+            let (written, stopped_at) = bounded(node, handle, write).await?;
+            budget = budget.saturating_sub(written);
+            let Some((entry, lost)) = stopped_at else {
+                break;
+            };
+            // Boxed: a gap needs a history read, which idle sessions should not carry.
+            Box::pin(self.repair(entry, lost)).await?;
+            budget = budget.saturating_sub(1);
+        }
+        // A full batch may have left frames behind: come back for them after other events.
+        self.handle.rewake_if_pending();
+        Ok(())
+    }
+
+    fn sub_index(&self, channel: &Arc<str>) -> Option<usize> {
+        self.channels
+            .iter()
+            .position(|s| Arc::ptr_eq(&s.name, channel) || s.name == *channel)
+    }
+
+    /// Fills the gap before a queued history message from history and sends both; or, when
+    /// history cannot fill it (or `lost`), ends the subscription with `history_lost`.
+    async fn repair(&mut self, entry: Queued, lost: bool) -> Result<(), Stop> {
+        let Some(tag) = entry.tag else {
+            return Ok(());
+        };
+        let Some(at) = self.sub_index(&tag.channel) else {
+            return Ok(());
+        };
+        let Some(track) = &self.channels[at].track else {
+            return Ok(());
+        };
+        let (epoch, upto) = (track.epoch.clone(), track.upto);
+        let node = self.node.clone();
+        let missing = tag.offset.saturating_sub(upto + 1);
+        let filled = match node.policy.history(&tag.channel) {
+            Some(rule) if !lost && missing <= node.config.history_recovery_limit => {
+                match node.read_history(&tag.channel, rule, upto, missing).await {
+                    Ok(read) if read.epoch == epoch && read.holds(upto, missing) => Some(read),
+                    Ok(_) => None,
+                    Err(e) => {
+                        debug!(channel = %tag.channel, error = %e, "history read for a gap failed");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let Some(read) = filled else {
+            node.metrics.history_lost.inc();
+            return self.lose(&tag.channel).await;
+        };
+        node.metrics.history_gaps.inc();
+        debug!(channel = %tag.channel, from = upto + 1, to = tag.offset, "filled a gap from history");
+        if let Some(track) = &mut self.channels[at].track {
+            track.upto = tag.offset;
+        }
+        let frames = read.entries.into_iter().take(missing as usize);
+        self.write_frames(None, frames.map(|(_, f)| f).chain([entry.frame]))
+            .await
+    }
+
+    /// Ends a history subscription whose missed messages history no longer holds.
+    async fn lose(&mut self, channel: &Arc<str>) -> Result<(), Stop> {
+        debug!(%channel, "history lost: ending the subscription");
+        self.leave(channel);
+        let notice = encode_unsubscribed(
+            channel,
+            UNSUBSCRIBED_HISTORY_LOST,
+            "messages were missed that history no longer holds; subscribe again with since",
+        );
+        self.reply(notice).await?;
+        if self.sse {
+            // An SSE client cannot subscribe again on this stream: it reconnects, with its
+            // Last-Event-ID, and learns recovered: false.
+            return Err(Stop::End);
+        }
+        Ok(())
+    }
+
+    /// Writes `first` (a reply) and then `frames`, and flushes once.
+    async fn write_frames(
+        &mut self,
+        first: Option<String>,
+        frames: impl Iterator<Item = Frame>,
+    ) -> Result<(), Stop> {
         let (node, handle, sink) = (&self.node, &self.handle, &mut self.sink);
         let write = async {
-            let mut written = 0;
-            while written < WRITE_BATCH {
-                let Some(frame) = handle.next_frame() else {
-                    break;
-                };
+            if let Some(text) = first {
+                sink.feed(Message::Text(text.into())).await?;
+            }
+            for frame in frames {
                 sink.feed(Message::Text(frame)).await?;
-                written += 1;
             }
-            if written > 0 {
-                sink.flush().await?;
-            }
-            Ok::<(), W::Error>(())
+            sink.flush().await
         };
-        bounded(node, handle, write).await?;
-        // A full batch may have left frames behind: come back for them after other events.
-        handle.rewake_if_pending();
-        Ok(())
+        bounded(node, handle, write).await
     }
 
     async fn send(&mut self, msg: Message) -> Result<(), Stop> {
@@ -272,6 +527,15 @@ where
             code,
             reason: close::reason(code).into(),
         };
+        if self.sse {
+            // The SSE sink turns the close into a last event; there is no handshake.
+            let ending = async {
+                let _ = self.sink.send(Message::Close(Some(frame))).await;
+                let _ = self.sink.close().await;
+            };
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, ending).await;
+            return;
+        }
         let handshake = async {
             if self.sink.send(Message::Close(Some(frame))).await.is_err() {
                 return;
@@ -336,8 +600,15 @@ where
                 .await;
         }
         match frame {
-            ClientFrame::Subscribe { id, channel } => self.subscribe(id, &channel).await,
+            ClientFrame::Subscribe { id, channel, since } => {
+                let resume = match &since {
+                    Some(s) => Resume::Since(s.offset, &s.epoch),
+                    None => Resume::No,
+                };
+                self.subscribe(id, &channel, resume).await.map(drop)
+            }
             ClientFrame::Unsubscribe { id, channel } => self.unsubscribe(id, &channel).await,
+            ClientFrame::Presence { id, channel } => self.presence(id, &channel).await,
             ClientFrame::Publish { id, channel, data } => {
                 if let Err(e) = validate_channel(&channel) {
                     return self
@@ -361,6 +632,15 @@ where
                 };
                 match self.node.publish(out).await {
                     Ok(_) => self.reply(encode_ack(id)).await,
+                    Err(e) if self.node.policy.history(&channel).is_some() => {
+                        debug!(error = %e, "history publish failed");
+                        self.error(
+                            Some(id),
+                            ErrorCode::Unavailable,
+                            "broker unavailable; not published",
+                        )
+                        .await
+                    }
                     Err(e) => {
                         debug!(error = %e, "publish reached this node only");
                         self.error(
@@ -379,13 +659,16 @@ where
                     *expires = self.expiry();
                     // A new token can grant less: subscriptions it no longer allows end here.
                     let revoked: Vec<Arc<str>> = (self.channels.iter())
-                        .filter(|c| !self.grant.subscribe.allows(c))
-                        .cloned()
+                        .filter(|c| !self.grant.subscribe.allows(&c.name))
+                        .map(|c| c.name.clone())
                         .collect();
                     for channel in revoked {
                         self.leave(&channel);
-                        let notice =
-                            encode_unsubscribed(&channel, "token no longer grants this channel");
+                        let notice = encode_unsubscribed(
+                            &channel,
+                            UNSUBSCRIBED_REVOKED,
+                            "token no longer grants this channel",
+                        );
                         self.reply(notice).await?;
                     }
                     self.reply(encode_ack(id)).await
@@ -403,7 +686,147 @@ where
         }
     }
 
-    async fn subscribe(&mut self, id: u64, channel: &str) -> Result<(), Stop> {
+    /// Subscribes, answers, and on a history channel sends what `resume` asks to recover.
+    /// Returns whether the connection is subscribed.
+    async fn subscribe(
+        &mut self,
+        id: u64,
+        channel: &str,
+        resume: Resume<'_>,
+    ) -> Result<bool, Stop> {
+        if let Err(e) = validate_channel(channel) {
+            self.error(Some(id), ErrorCode::BadRequest, &format!("channel {e}"))
+                .await?;
+            return Ok(false);
+        }
+        if !self.grant.subscribe.allows(channel) {
+            self.error(
+                Some(id),
+                ErrorCode::Forbidden,
+                "token does not grant this channel",
+            )
+            .await?;
+            return Ok(false);
+        }
+        if let Some(sub) = self.channels.iter().find(|c| &*c.name == channel) {
+            // Already subscribed: nothing to recover that was not delivered on this connection.
+            let reply = match &sub.track {
+                Some(t) => {
+                    let recovered = resume
+                        .asked()
+                        .then(|| resume.offset_in(&t.epoch) == Some(t.upto));
+                    encode_subscribed(id, t.upto, &t.epoch, recovered)
+                }
+                None => encode_ack(id),
+            };
+            self.reply(reply).await?;
+            return Ok(true);
+        }
+        if self.channels.len() >= self.node.config.max_channels {
+            let message = format!(
+                "at most {} channels per connection",
+                self.node.config.max_channels
+            );
+            self.error(Some(id), ErrorCode::BadRequest, &message)
+                .await?;
+            return Ok(false);
+        }
+        let node = self.node.clone();
+        let Some((name, _)) = node.hub.join(channel, &self.handle) else {
+            self.reply(encode_ack(id)).await?;
+            return Ok(true);
+        };
+        // Ack only once the node's Redis subscription is live: what is published after the
+        // ack is delivered.
+        if let Err(e) = node.broker.subscribe(&node.topics.channel(channel)).await {
+            node.hub.leave(channel, self.handle.id);
+            debug!(error = %e, channel, "subscribe failed");
+            self.error(
+                Some(id),
+                ErrorCode::Unavailable,
+                "broker unavailable; retry later",
+            )
+            .await?;
+            return Ok(false);
+        }
+        let (reply, recovered) = match node.policy.history(channel) {
+            None => {
+                self.channels.push(Sub {
+                    name: name.clone(),
+                    track: None,
+                });
+                (encode_ack(id), Vec::new())
+            }
+            Some(rule) => {
+                // Live messages queue up from the join on; history is read after the Redis
+                // subscription is live, so together they leave no gap, and the session's
+                // position drops what both have.
+                let limit = node.config.history_recovery_limit;
+                // Without a single position to start from, the first read only learns the
+                // epoch and the top.
+                let mut read = match resume.guess() {
+                    Some(since) => node.read_history(channel, rule, since, limit).await,
+                    None => node.read_history(channel, rule, 0, 0).await,
+                };
+                if let Ok(first) = &read
+                    && resume.guess().is_none()
+                    && let Some(since) = resume.offset_in(&first.epoch)
+                    && since < first.top
+                {
+                    read = node.read_history(channel, rule, since, limit).await;
+                }
+                let read = match read {
+                    Ok(read) => read,
+                    Err(e) => {
+                        node.hub.leave(channel, self.handle.id);
+                        node.broker.release(&node.topics.channel(channel));
+                        debug!(error = %e, channel, "history read failed");
+                        self.error(
+                            Some(id),
+                            ErrorCode::Unavailable,
+                            "broker unavailable; retry later",
+                        )
+                        .await?;
+                        return Ok(false);
+                    }
+                };
+                let missed = recoverable(&read, resume.offset_in(&read.epoch), limit);
+                if resume.asked() {
+                    let counter = match missed {
+                        Some(_) => &node.metrics.history_recoveries.recovered,
+                        None => &node.metrics.history_recoveries.not_recovered,
+                    };
+                    counter.inc();
+                }
+                let HistoryRead {
+                    epoch,
+                    top,
+                    entries,
+                } = read;
+                node.hub.note_seen(channel, &epoch, top);
+                let reply =
+                    encode_subscribed(id, top, &epoch, resume.asked().then_some(missed.is_some()));
+                self.channels.push(Sub {
+                    name: name.clone(),
+                    track: Some(Track { epoch, upto: top }),
+                });
+                let frames = match missed {
+                    Some(n) => entries.into_iter().take(n).map(|(_, f)| f).collect(),
+                    None => Vec::new(),
+                };
+                (reply, frames)
+            }
+        };
+        if node.policy.presence(channel) {
+            let session = node.session_id(self.handle.id);
+            node.presence_join(&name, &session, &self.grant.user).await;
+        }
+        self.write_frames(Some(reply), recovered.into_iter())
+            .await?;
+        Ok(true)
+    }
+
+    async fn presence(&mut self, id: u64, channel: &str) -> Result<(), Stop> {
         if let Err(e) = validate_channel(channel) {
             return self
                 .error(Some(id), ErrorCode::BadRequest, &format!("channel {e}"))
@@ -418,35 +841,28 @@ where
                 )
                 .await;
         }
-        if self.channels.iter().any(|c| &**c == channel) {
-            return self.reply(encode_ack(id)).await;
-        }
-        if self.channels.len() >= self.node.config.max_channels {
-            let message = format!(
-                "at most {} channels per connection",
-                self.node.config.max_channels
-            );
-            return self.error(Some(id), ErrorCode::BadRequest, &message).await;
-        }
-        let node = self.node.clone();
-        let Some((name, _)) = node.hub.join(channel, &self.handle) else {
-            return self.reply(encode_ack(id)).await;
-        };
-        // Ack only once the node's Redis subscription is live: what is published after the
-        // ack is delivered.
-        if let Err(e) = node.broker.subscribe(&node.topics.channel(channel)).await {
-            node.hub.leave(channel, self.handle.id);
-            debug!(error = %e, channel, "subscribe failed");
+        if !self.node.policy.presence(channel) {
             return self
                 .error(
+                    Some(id),
+                    ErrorCode::BadRequest,
+                    "presence is not tracked on this channel",
+                )
+                .await;
+        }
+        let node = self.node.clone();
+        match node.presence(channel).await {
+            Ok(clients) => self.reply(encode_presence(id, channel, &clients)).await,
+            Err(e) => {
+                debug!(error = %e, channel, "presence read failed");
+                self.error(
                     Some(id),
                     ErrorCode::Unavailable,
                     "broker unavailable; retry later",
                 )
-                .await;
+                .await
+            }
         }
-        self.channels.push(name);
-        self.reply(encode_ack(id)).await
     }
 
     async fn unsubscribe(&mut self, id: u64, channel: &str) -> Result<(), Stop> {
@@ -464,12 +880,141 @@ where
 
     /// Drops the subscription to `channel`; returns false if there was none.
     fn leave(&mut self, channel: &str) -> bool {
-        let Some(at) = self.channels.iter().position(|c| &**c == channel) else {
+        let Some(at) = self.channels.iter().position(|c| &*c.name == channel) else {
             return false;
         };
-        self.channels.swap_remove(at);
-        self.node.hub.leave(channel, self.handle.id);
-        self.node.broker.release(&self.node.topics.channel(channel));
+        let sub = self.channels.swap_remove(at);
+        let node = &self.node;
+        node.hub.leave(channel, self.handle.id);
+        node.broker.release(&node.topics.channel(channel));
+        if node.policy.presence(channel) {
+            node.presence_leave(&node.session_id(self.handle.id), &[sub.name]);
+        }
         true
+    }
+}
+
+/// How many messages after `since` to send on a subscribe: all of them, if the epoch matched
+/// (`since` is `Some`), history holds every one, and they are within the recovery limit.
+fn recoverable(read: &HistoryRead, since: Option<u64>, limit: u64) -> Option<usize> {
+    let since = since?;
+    let missed = read.top.checked_sub(since)?;
+    (missed <= limit && read.holds(since, missed)).then_some(missed as usize)
+}
+
+/// What to do with a queued message of a history channel, given the session's position there.
+/// Advances the position when the message is to be sent.
+fn classify(subs: &mut [Sub], tag: &Tag) -> Verdict {
+    let Some(sub) = subs
+        .iter_mut()
+        .find(|s| Arc::ptr_eq(&s.name, &tag.channel) || s.name == tag.channel)
+    else {
+        // Queued before an unsubscribe: the client no longer wants it.
+        return Verdict::Skip;
+    };
+    let Some(track) = &mut sub.track else {
+        // A stamped message on a channel this node keeps no history for: deliver as it is.
+        return if tag.is_lost() {
+            Verdict::Skip
+        } else {
+            Verdict::Send
+        };
+    };
+    if tag.is_lost() {
+        return if track.epoch == tag.epoch {
+            Verdict::Lost
+        } else {
+            Verdict::Skip
+        };
+    }
+    if track.epoch != tag.epoch {
+        // A new history (the old one expired or was deleted): its offsets start at 1.
+        track.epoch = tag.epoch.clone();
+        track.upto = 0;
+    }
+    if tag.offset <= track.upto {
+        Verdict::Skip
+    } else if tag.offset == track.upto + 1 {
+        track.upto = tag.offset;
+        Verdict::Send
+    } else {
+        Verdict::Gap
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tag(channel: &Arc<str>, epoch: &str, offset: u64) -> Tag {
+        Tag {
+            channel: channel.clone(),
+            epoch: epoch.into(),
+            offset,
+        }
+    }
+
+    #[test]
+    fn history_messages_are_sent_once_in_order_and_gaps_found() {
+        let h: Arc<str> = "h".into();
+        let plain: Arc<str> = "p".into();
+        let mut subs = vec![
+            Sub {
+                name: h.clone(),
+                track: Some(Track {
+                    epoch: "e1".into(),
+                    upto: 5,
+                }),
+            },
+            Sub {
+                name: plain.clone(),
+                track: None,
+            },
+        ];
+        let verdicts: Vec<&str> = [
+            tag(&h, "e1", 4),
+            tag(&h, "e1", 5),
+            tag(&h, "e1", 6),
+            tag(&h, "e1", 6),
+            tag(&h, "e1", 9),
+            tag(&h, "e2", 1),
+            tag(&h, "e2", 3),
+            tag(&"other".into(), "e1", 1),
+            tag(&plain, "x", 7),
+            tag(&h, "e1", Tag::LOST),
+            tag(&h, "e2", Tag::LOST),
+        ]
+        .iter()
+        .map(|t| match classify(&mut subs, t) {
+            Verdict::Send => "send",
+            Verdict::Skip => "skip",
+            Verdict::Gap => "gap",
+            Verdict::Lost => "lost",
+        })
+        .collect();
+        assert_eq!(
+            verdicts,
+            [
+                "skip", "skip", "send", "skip", "gap", "send", "gap", "skip", "send", "skip",
+                "lost"
+            ]
+        );
+        let track = subs[0].track.as_ref().unwrap();
+        assert_eq!((&*track.epoch, track.upto), ("e2", 1));
+    }
+
+    #[test]
+    fn recovery_needs_the_epoch_every_message_and_the_limit() {
+        let read = HistoryRead {
+            epoch: "e".into(),
+            top: 5,
+            entries: (3..=5).map(|o| (o, Frame::from("m"))).collect(),
+        };
+        assert_eq!(recoverable(&read, Some(2), 10), Some(3));
+        assert_eq!(recoverable(&read, Some(5), 10), Some(0));
+        assert_eq!(recoverable(&read, Some(1), 10), None, "offset 2 is gone");
+        assert_eq!(recoverable(&read, Some(2), 2), None, "over the limit");
+        assert_eq!(recoverable(&read, Some(6), 10), None, "ahead of the top");
+        assert_eq!(recoverable(&read, None, 10), None, "another epoch");
     }
 }

@@ -10,10 +10,25 @@ use serde::{Deserialize, Deserializer};
 
 use crate::RawJson;
 
+/// The last position a client saw on a history channel, sent with a subscribe to recover what
+/// it missed.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Since<'a> {
+    pub offset: u64,
+    #[serde(borrow)]
+    pub epoch: Cow<'a, str>,
+}
+
 /// A request from a client. Every request carries a numeric `id` that the reply echoes.
 #[derive(Debug)]
 pub enum ClientFrame<'a> {
     Subscribe {
+        id: u64,
+        channel: Cow<'a, str>,
+        since: Option<Since<'a>>,
+    },
+    /// Who is subscribed to a presence channel.
+    Presence {
         id: u64,
         channel: Cow<'a, str>,
     },
@@ -39,8 +54,20 @@ impl PartialEq for ClientFrame<'_> {
     fn eq(&self, other: &Self) -> bool {
         use ClientFrame::*;
         match (self, other) {
-            (Subscribe { id: a, channel: c }, Subscribe { id: b, channel: d })
-            | (Unsubscribe { id: a, channel: c }, Unsubscribe { id: b, channel: d })
+            (
+                Subscribe {
+                    id: a,
+                    channel: c,
+                    since: x,
+                },
+                Subscribe {
+                    id: b,
+                    channel: d,
+                    since: y,
+                },
+            ) => a == b && c == d && x == y,
+            (Unsubscribe { id: a, channel: c }, Unsubscribe { id: b, channel: d })
+            | (Presence { id: a, channel: c }, Presence { id: b, channel: d })
             | (Refresh { id: a, token: c }, Refresh { id: b, token: d }) => a == b && c == d,
             (
                 Publish {
@@ -64,6 +91,7 @@ impl ClientFrame<'_> {
     pub fn id(&self) -> u64 {
         match self {
             Self::Subscribe { id, .. }
+            | Self::Presence { id, .. }
             | Self::Unsubscribe { id, .. }
             | Self::Publish { id, .. }
             | Self::Ping { id }
@@ -102,6 +130,8 @@ struct Loose<'a> {
     data: Option<&'a RawJson>,
     #[serde(borrow, default)]
     token: Option<&'a RawJson>,
+    #[serde(borrow, default)]
+    since: Option<&'a RawJson>,
 }
 
 /// Reads a string field. Fields stay raw until the frame's `id` is known, so that a field of the
@@ -152,6 +182,25 @@ impl<'a> ClientFrame<'a> {
             "subscribe" => Self::Subscribe {
                 id,
                 channel: need(loose.channel, "channel")?,
+                since: match loose.since {
+                    None => None,
+                    Some(raw) if raw.get() == "null" => None,
+                    Some(raw) => Some(
+                        crate::is_object(raw.get().as_bytes())
+                            .then(|| serde_json::from_str(raw.get()).ok())
+                            .flatten()
+                            .ok_or_else(|| {
+                                DecodeError::new(
+                                    Some(id),
+                                    "\"since\" must be {\"offset\": <non-negative integer>, \"epoch\": <string>}",
+                                )
+                            })?,
+                    ),
+                },
+            },
+            "presence" => Self::Presence {
+                id,
+                channel: need(loose.channel, "channel")?,
             },
             "unsubscribe" => Self::Unsubscribe {
                 id,
@@ -198,6 +247,27 @@ mod tests {
             ok(r#"{"type":"subscribe","id":1,"channel":"room:1"}"#),
             ClientFrame::Subscribe {
                 id: 1,
+                channel: "room:1".into(),
+                since: None
+            }
+        );
+        assert_eq!(
+            ok(
+                r#"{"type":"subscribe","id":1,"channel":"chat:1","since":{"offset":41,"epoch":"x"}}"#
+            ),
+            ClientFrame::Subscribe {
+                id: 1,
+                channel: "chat:1".into(),
+                since: Some(Since {
+                    offset: 41,
+                    epoch: "x".into()
+                })
+            }
+        );
+        assert_eq!(
+            ok(r#"{"type":"presence","id":6,"channel":"room:1"}"#),
+            ClientFrame::Presence {
+                id: 6,
                 channel: "room:1".into()
             }
         );
@@ -241,9 +311,28 @@ mod tests {
             ok(r#"{"type":"subscribe","id":1,"channel":"room\u003a1"}"#),
             ClientFrame::Subscribe {
                 id: 1,
-                channel: "room:1".into()
+                channel: "room:1".into(),
+                since: None
             }
         );
+    }
+
+    #[test]
+    fn a_bad_since_is_refused_with_the_id() {
+        for since in [
+            r#""41""#,
+            r#"{"offset":-1,"epoch":"x"}"#,
+            r#"{"offset":1}"#,
+            r#"{"epoch":"x"}"#,
+            r#"{"offset":1,"epoch":5}"#,
+            "[1]",
+            r#"[41,"x"]"#,
+        ] {
+            let text = format!(r#"{{"type":"subscribe","id":9,"channel":"c","since":{since}}}"#);
+            let e = err(&text);
+            assert_eq!(e.id, Some(9), "{text}");
+            assert!(e.message.contains("since"), "{text}: {e}");
+        }
     }
 
     #[test]
@@ -283,6 +372,7 @@ mod tests {
             (r#"{"type":"publish","id":1,"data":1}"#, "channel"),
             (r#"{"type":"publish","id":1,"channel":"c"}"#, "data"),
             (r#"{"type":"refresh","id":1}"#, "token"),
+            (r#"{"type":"presence","id":1}"#, "channel"),
             (r#"{"type":"ping"}"#, "id"),
         ];
         for (text, field) in cases {
@@ -343,7 +433,7 @@ mod tests {
             let text = serde_json::json!({"type":"subscribe","id":id,"channel":channel}).to_string();
             prop_assert_eq!(
                 ClientFrame::decode(&text).unwrap(),
-                ClientFrame::Subscribe { id, channel: channel.as_str().into() }
+                ClientFrame::Subscribe { id, channel: channel.as_str().into(), since: None }
             );
         }
     }

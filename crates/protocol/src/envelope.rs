@@ -5,6 +5,9 @@
 //!   Backends publish here directly; they may leave out everything but `data`.
 //! - `{prefix}:node:{instance}`: a [`NodeMessage`] for one node (session deliveries, liveness probes).
 //! - `{prefix}:control`: a [`ControlMessage`] for every node (disconnects, heartbeats).
+//!
+//! On a history channel the envelope also carries its [`Stamp`] (`offset` and `epoch`), put in
+//! by the `pushgate_publish` Redis function that appends it to the channel's history.
 
 use std::borrow::Cow;
 
@@ -26,6 +29,27 @@ pub enum EnvelopeError {
     BadId,
     #[error("missing field \"session\"")]
     MissingSession,
+    #[error(
+        "\"offset\" (a positive integer) and \"epoch\" (1 to 64 of A-Z a-z 0-9 - _) go together"
+    )]
+    BadStamp,
+}
+
+/// Where a message sits in a history channel: its offset and the history's epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamp<'a> {
+    pub offset: u64,
+    pub epoch: Cow<'a, str>,
+}
+
+/// Whether `epoch` can be an epoch: 1 to 64 characters of `A-Z a-z 0-9 - _`. Epochs appear in
+/// SSE event IDs, so nothing that could break a line or a list may pass.
+pub fn valid_epoch(epoch: &str) -> bool {
+    !epoch.is_empty()
+        && epoch.len() <= 64
+        && epoch
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// A message for clients, as carried on a channel, user or broadcast topic.
@@ -75,6 +99,10 @@ struct Loose<'a> {
     session: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     probe: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    offset: Option<&'a RawJson>,
+    #[serde(borrow, default)]
+    epoch: Option<&'a RawJson>,
 }
 
 fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawJson>, D::Error> {
@@ -112,6 +140,28 @@ impl<'a> Envelope<'a> {
 
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("envelopes always serialize")
+    }
+
+    /// Decodes an envelope and its history [`Stamp`], when it has one (both `offset` and
+    /// `epoch`, or neither).
+    pub fn decode_stamped(payload: &'a [u8]) -> Result<(Self, Option<Stamp<'a>>), EnvelopeError> {
+        let mut loose = Loose::parse(payload)?;
+        let stamp = match (loose.offset.take(), loose.epoch.take()) {
+            (None, None) => None,
+            (Some(offset), Some(epoch)) => {
+                let offset = serde_json::from_str::<u64>(offset.get())
+                    .ok()
+                    .filter(|&o| o > 0)
+                    .ok_or(EnvelopeError::BadStamp)?;
+                let epoch = serde_json::from_str::<Cow<'a, str>>(epoch.get())
+                    .ok()
+                    .filter(|e| valid_epoch(e))
+                    .ok_or(EnvelopeError::BadStamp)?;
+                Some(Stamp { offset, epoch })
+            }
+            _ => return Err(EnvelopeError::BadStamp),
+        };
+        Ok((loose.into_envelope()?, stamp))
     }
 }
 
@@ -248,6 +298,41 @@ mod tests {
     }
 
     #[test]
+    fn stamps_are_read_when_present() {
+        let (e, stamp) =
+            Envelope::decode_stamped(br#"{"offset":7,"epoch":"a1b2","id":"x","data":[1]}"#)
+                .unwrap();
+        assert_eq!(
+            stamp,
+            Some(Stamp {
+                offset: 7,
+                epoch: "a1b2".into()
+            })
+        );
+        assert_eq!((e.id.as_deref(), e.data.get()), (Some("x"), "[1]"));
+        let (_, stamp) = Envelope::decode_stamped(br#"{"data":1}"#).unwrap();
+        assert_eq!(stamp, None);
+        for bad in [
+            &br#"{"offset":7,"data":1}"#[..],
+            br#"{"epoch":"e","data":1}"#,
+            br#"{"offset":0,"epoch":"e","data":1}"#,
+            br#"{"offset":"7","epoch":"e","data":1}"#,
+            br#"{"offset":7,"epoch":"","data":1}"#,
+            br#"{"offset":7,"epoch":"a,b","data":1}"#,
+            br#"{"offset":7,"epoch":"a\u000ab","data":1}"#,
+        ] {
+            assert_eq!(
+                Envelope::decode_stamped(bad).map(|(_, s)| s),
+                Err(EnvelopeError::BadStamp),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // Plain decoding ignores stamps.
+        assert!(Envelope::decode(br#"{"offset":"x","data":1}"#).is_ok());
+    }
+
+    #[test]
     fn null_data_is_kept() {
         assert_eq!(
             Envelope::decode(br#"{"data":null}"#).unwrap().data.get(),
@@ -309,6 +394,7 @@ mod tests {
             let _ = Envelope::decode(&bytes);
             let _ = NodeMessage::decode(&bytes);
             let _ = ControlMessage::decode(&bytes);
+            let _ = Envelope::decode_stamped(&bytes);
         }
 
         #[test]

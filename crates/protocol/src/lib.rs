@@ -13,10 +13,10 @@ pub mod envelope;
 pub mod names;
 pub mod server;
 
-pub use client::{ClientFrame, DecodeError};
+pub use client::{ClientFrame, DecodeError, Since};
 pub use envelope::{ControlMessage, Envelope, NodeMessage};
 pub use names::{NameError, validate_channel, validate_user};
-pub use server::{ErrorCode, Target};
+pub use server::{ErrorCode, Position, PresenceEntry, Target};
 
 /// Any JSON value, kept as its original text.
 pub type RawJson = serde_json::value::RawValue;

@@ -39,6 +39,36 @@ pub struct MessageRef<'a> {
     pub data: &'a RawJson,
 }
 
+/// A message's place in a history channel: its offset, and the epoch of the history it belongs
+/// to (a random ID that changes whenever the history is lost and offsets restart).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub offset: u64,
+    pub epoch: String,
+}
+
+#[derive(Serialize)]
+struct PositionOut<'a> {
+    offset: u64,
+    epoch: &'a str,
+}
+
+/// `code` of an `unsubscribed` notice: the token no longer grants the channel.
+pub const UNSUBSCRIBED_REVOKED: &str = "revoked";
+/// `code` of an `unsubscribed` notice: messages were missed that history no longer holds.
+/// Subscribe again with `since` (the last position seen) to learn `recovered: false`.
+pub const UNSUBSCRIBED_HISTORY_LOST: &str = "history_lost";
+
+/// One subscriber of a presence channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceEntry {
+    pub user: String,
+    pub session: String,
+    pub node: String,
+    /// Unix milliseconds.
+    pub joined_at: u64,
+}
+
 #[derive(Serialize)]
 struct DeliveryOut<'a> {
     #[serde(rename = "type")]
@@ -55,6 +85,10 @@ struct DeliveryOut<'a> {
     session: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     broadcast: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<&'a str>,
     data: &'a RawJson,
 }
 
@@ -66,6 +100,15 @@ fn to_string<T: Serialize>(value: &T) -> String {
 
 /// `{"type":"message",...}`
 pub fn encode_message(m: &MessageRef<'_>) -> String {
+    encode_delivery(m, None)
+}
+
+/// `{"type":"message",...,"offset":N,"epoch":"E",...}`: a message of a history channel.
+pub fn encode_message_at(m: &MessageRef<'_>, offset: u64, epoch: &str) -> String {
+    encode_delivery(m, Some((offset, epoch)))
+}
+
+fn encode_delivery(m: &MessageRef<'_>, at: Option<(u64, &str)>) -> String {
     let (mut channel, mut user, mut session, mut broadcast) = (None, None, None, None);
     match m.target {
         Target::Channel(c) => channel = Some(c),
@@ -82,6 +125,8 @@ pub fn encode_message(m: &MessageRef<'_>) -> String {
         user,
         session,
         broadcast,
+        offset: at.map(|(o, _)| o),
+        epoch: at.map(|(_, e)| e),
         data: m.data,
     })
 }
@@ -97,6 +142,10 @@ enum Reply<'a> {
     },
     Ack {
         id: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        position: Option<PositionOut<'a>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
     },
     Error {
         id: Option<u64>,
@@ -108,7 +157,13 @@ enum Reply<'a> {
     },
     Unsubscribed {
         channel: &'a str,
+        code: &'a str,
         reason: &'a str,
+    },
+    Presence {
+        id: u64,
+        channel: &'a str,
+        clients: &'a [PresenceEntry],
     },
 }
 
@@ -123,17 +178,45 @@ pub fn encode_welcome(session: &str, user: &str, node: &str, ping_interval_secs:
 }
 
 pub fn encode_ack(id: u64) -> String {
-    to_string(&Reply::Ack { id })
+    to_string(&Reply::Ack {
+        id,
+        position: None,
+        recovered: None,
+    })
+}
+
+/// The ack of a subscribe to a history channel: the channel's current position, and with a
+/// `since` in the request, whether the missed messages follow (`recovered`).
+pub fn encode_subscribed(id: u64, offset: u64, epoch: &str, recovered: Option<bool>) -> String {
+    to_string(&Reply::Ack {
+        id,
+        position: Some(PositionOut { offset, epoch }),
+        recovered,
+    })
+}
+
+/// `{"type":"presence",...}`: the reply to a presence request.
+pub fn encode_presence(id: u64, channel: &str, clients: &[PresenceEntry]) -> String {
+    to_string(&Reply::Presence {
+        id,
+        channel,
+        clients,
+    })
 }
 
 pub fn encode_pong(id: u64) -> String {
     to_string(&Reply::Pong { id })
 }
 
-/// `{"type":"unsubscribed",...}`: the node ended a subscription (e.g. a refreshed token no
-/// longer grants the channel).
-pub fn encode_unsubscribed(channel: &str, reason: &str) -> String {
-    to_string(&Reply::Unsubscribed { channel, reason })
+/// `{"type":"unsubscribed",...}`: the node ended a subscription. `code` says why:
+/// [`UNSUBSCRIBED_REVOKED`] (a refreshed token no longer grants the channel) or
+/// [`UNSUBSCRIBED_HISTORY_LOST`] (messages were missed that history no longer holds).
+pub fn encode_unsubscribed(channel: &str, code: &str, reason: &str) -> String {
+    to_string(&Reply::Unsubscribed {
+        channel,
+        code,
+        reason,
+    })
 }
 
 /// `id` is `None` when the request's id could not be read.
@@ -153,6 +236,12 @@ pub enum ServerFrame {
     },
     Ack {
         id: u64,
+        /// The channel's current position: on the ack of a subscribe to a history channel.
+        #[serde(default)]
+        position: Option<Position>,
+        /// Whether the messages missed since the subscribe's `since` follow.
+        #[serde(default)]
+        recovered: Option<bool>,
     },
     Error {
         id: Option<u64>,
@@ -164,7 +253,15 @@ pub enum ServerFrame {
     },
     Unsubscribed {
         channel: String,
+        /// `revoked` or `history_lost`; absent from older nodes.
+        #[serde(default)]
+        code: Option<String>,
         reason: String,
+    },
+    Presence {
+        id: u64,
+        channel: String,
+        clients: Vec<PresenceEntry>,
     },
     Message(Delivery),
 }
@@ -184,10 +281,24 @@ pub struct Delivery {
     pub session: Option<String>,
     #[serde(default)]
     pub broadcast: Option<bool>,
+    /// The message's offset, on history channels.
+    #[serde(default)]
+    pub offset: Option<u64>,
+    /// The epoch of the channel's history, on history channels.
+    #[serde(default)]
+    pub epoch: Option<String>,
     pub data: serde_json::Value,
 }
 
 impl Delivery {
+    /// The message's position, on history channels.
+    pub fn position(&self) -> Option<Position> {
+        Some(Position {
+            offset: self.offset?,
+            epoch: self.epoch.clone()?,
+        })
+    }
+
     /// The delivery's target, or `None` unless exactly one was named.
     pub fn target(&self) -> Option<Target<'_>> {
         match (
@@ -243,17 +354,31 @@ mod tests {
         assert_eq!(encode_ack(3), r#"{"type":"ack","id":3}"#);
         assert_eq!(
             ServerFrame::decode(&encode_ack(3)).unwrap(),
-            ServerFrame::Ack { id: 3 }
+            ServerFrame::Ack {
+                id: 3,
+                position: None,
+                recovered: None
+            }
         );
         assert_eq!(
             ServerFrame::decode(&encode_pong(4)).unwrap(),
             ServerFrame::Pong { id: 4 }
         );
         assert_eq!(
-            ServerFrame::decode(&encode_unsubscribed("room:1", "revoked")).unwrap(),
+            encode_unsubscribed("room:1", UNSUBSCRIBED_REVOKED, "token no longer grants it"),
+            r#"{"type":"unsubscribed","channel":"room:1","code":"revoked","reason":"token no longer grants it"}"#
+        );
+        assert_eq!(
+            ServerFrame::decode(&encode_unsubscribed(
+                "room:1",
+                UNSUBSCRIBED_HISTORY_LOST,
+                "gone"
+            ))
+            .unwrap(),
             ServerFrame::Unsubscribed {
                 channel: "room:1".into(),
-                reason: "revoked".into()
+                code: Some("history_lost".into()),
+                reason: "gone".into()
             }
         );
         assert_eq!(
@@ -319,6 +444,75 @@ mod tests {
         assert_eq!(
             text,
             r#"{"type":"message","id":"i","ts":1,"broadcast":true,"data":[1, 2.50, "x"]}"#
+        );
+    }
+
+    #[test]
+    fn history_frames_carry_positions() {
+        assert_eq!(
+            encode_subscribed(1, 41, "e1", None),
+            r#"{"type":"ack","id":1,"position":{"offset":41,"epoch":"e1"}}"#
+        );
+        assert_eq!(
+            ServerFrame::decode(&encode_subscribed(2, 0, "e2", Some(false))).unwrap(),
+            ServerFrame::Ack {
+                id: 2,
+                position: Some(Position {
+                    offset: 0,
+                    epoch: "e2".into()
+                }),
+                recovered: Some(false)
+            }
+        );
+        let data = raw("1");
+        let m = MessageRef {
+            id: "i",
+            ts: 5,
+            from: None,
+            target: Target::Channel("chat:1"),
+            data: &data,
+        };
+        let text = encode_message_at(&m, 42, "e1");
+        assert_eq!(
+            text,
+            r#"{"type":"message","id":"i","ts":5,"channel":"chat:1","offset":42,"epoch":"e1","data":1}"#
+        );
+        let ServerFrame::Message(d) = ServerFrame::decode(&text).unwrap() else {
+            panic!("{text}")
+        };
+        assert_eq!(
+            d.position(),
+            Some(Position {
+                offset: 42,
+                epoch: "e1".into()
+            })
+        );
+        let ServerFrame::Message(d) = ServerFrame::decode(&encode_message(&m)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(d.position(), None);
+    }
+
+    #[test]
+    fn presence_round_trips() {
+        let clients = [PresenceEntry {
+            user: "alice".into(),
+            session: "n1.abc".into(),
+            node: "n1".into(),
+            joined_at: 17,
+        }];
+        let text = encode_presence(3, "room:1", &clients);
+        assert_eq!(
+            text,
+            r#"{"type":"presence","id":3,"channel":"room:1","clients":[{"user":"alice","session":"n1.abc","node":"n1","joined_at":17}]}"#
+        );
+        assert_eq!(
+            ServerFrame::decode(&text).unwrap(),
+            ServerFrame::Presence {
+                id: 3,
+                channel: "room:1".into(),
+                clients: clients.to_vec()
+            }
         );
     }
 

@@ -2,6 +2,8 @@
 //!
 //! Either way, a node delivers to its own clients itself, at once; the broker only carries
 //! messages to the other nodes. So the embedded broker has nothing to carry, and is always ready.
+//! (History channels are the exception with Redis: there every node, the publishing one
+//! included, delivers what comes back from Redis, so that subscribers see offset order.)
 
 mod redis;
 
@@ -9,12 +11,19 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-pub use self::redis::{RedisBroker, RedisSettings};
+pub use self::redis::{HistoryEntries, RedisBroker, RedisSettings};
 
 /// Receives what other nodes and backends publish.
 pub trait Inbound: Send + Sync + 'static {
     /// One message from Redis. Must not wait on anything: it runs on the Redis read loop.
     fn on_message(&self, topic: &str, payload: &[u8]);
+
+    /// The subscriber connection is up and every held topic subscribed. `reconnect`: an
+    /// earlier connection was lost, so messages may have been missed in between. Must not
+    /// wait on anything.
+    fn on_ready(&self, reconnect: bool) {
+        let _ = reconnect;
+    }
 }
 
 #[derive(Debug, Error)]
@@ -35,6 +44,10 @@ pub struct Topics {
     node: String,
     broadcast: String,
     control: String,
+    history: String,
+    meta: String,
+    presence: String,
+    presence_exp: String,
 }
 
 /// A Redis channel name, read back.
@@ -55,7 +68,31 @@ impl Topics {
             node: format!("{prefix}:node:"),
             broadcast: format!("{prefix}:broadcast"),
             control: format!("{prefix}:control"),
+            history: format!("{prefix}:history:"),
+            meta: format!("{prefix}:meta:"),
+            presence: format!("{prefix}:presence:"),
+            presence_exp: format!("{prefix}:presence-exp:"),
         }
+    }
+
+    /// The Stream key holding a history channel's messages.
+    pub fn history(&self, channel: &str) -> String {
+        format!("{}{channel}", self.history)
+    }
+
+    /// The hash key holding a history channel's epoch and last offset.
+    pub fn meta(&self, channel: &str) -> String {
+        format!("{}{channel}", self.meta)
+    }
+
+    /// The hash key of a presence channel's entries (session -> JSON).
+    pub fn presence(&self, channel: &str) -> String {
+        format!("{}{channel}", self.presence)
+    }
+
+    /// The sorted-set key of a presence channel's expiries (session -> Unix ms).
+    pub fn presence_exp(&self, channel: &str) -> String {
+        format!("{}{channel}", self.presence_exp)
     }
 
     pub fn channel(&self, name: &str) -> String {
@@ -159,5 +196,9 @@ mod tests {
         assert_eq!(t.parse("pg:control"), Some(Topic::Control));
         assert_eq!(t.parse("other:ch:x"), None);
         assert_eq!(t.parse("pg:broadcastx"), None);
+        assert_eq!(t.history("chat:1"), "pg:history:chat:1");
+        assert_eq!(t.meta("chat:1"), "pg:meta:chat:1");
+        assert_eq!(t.presence("room:1"), "pg:presence:room:1");
+        assert_eq!(t.presence_exp("room:1"), "pg:presence-exp:room:1");
     }
 }

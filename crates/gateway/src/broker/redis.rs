@@ -9,6 +9,10 @@
 //! A subscription can die silently (a proxy that stops forwarding, a paused server). The node
 //! sends itself a probe on its own topic every probe interval; a probe not seen back by the
 //! next one tears the connection down and starts again.
+//!
+//! History and presence go through the `pushgate` Redis function library (`pushgate.lua`),
+//! which the broker loads whenever its subscriber connects, and again whenever Redis says a
+//! function is missing (a restarted or flushed Redis).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,6 +35,17 @@ const BATCH: usize = 500;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
+/// The `pushgate` function library.
+pub const LIBRARY: &str = include_str!("pushgate.lua");
+
+/// Messages read from a history Stream: the epoch, the last offset, and `(offset, payload)`
+/// pairs after the offset asked for.
+pub type HistoryEntries = (String, u64, Vec<(u64, Vec<u8>)>);
+
+/// Presence entries of one channel: its hash key, its sorted-set key, and items (sessions, or
+/// session and entry JSON pairs).
+pub type PresenceGroup<T> = (String, String, Vec<T>);
+
 pub struct RedisSettings {
     pub url: String,
     pub topics: Topics,
@@ -38,6 +53,8 @@ pub struct RedisSettings {
     /// Bound on every Redis command and subscription wait.
     pub timeout: Duration,
     pub probe_interval: Duration,
+    /// Load the function library (history or presence is configured).
+    pub functions: bool,
 }
 
 #[derive(Default)]
@@ -58,6 +75,7 @@ pub struct RedisBroker {
     changed: Notify,
     ready: AtomicBool,
     probe_seen: AtomicU64,
+    functions: bool,
     metrics: Arc<Metrics>,
 }
 
@@ -94,6 +112,7 @@ impl RedisBroker {
             changed: Notify::new(),
             ready: AtomicBool::new(false),
             probe_seen: AtomicU64::new(0),
+            functions: settings.functions,
             metrics,
         });
         // The node's permanent topics.
@@ -194,6 +213,191 @@ impl RedisBroker {
         result
     }
 
+    async fn connection(&self) -> Result<deadpool_redis::Connection, BrokerError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| BrokerError::Redis(e.to_string()))
+    }
+
+    /// `FUNCTION LOAD REPLACE` of the `pushgate` library.
+    pub async fn load_functions(&self) -> Result<(), BrokerError> {
+        let load = async {
+            let mut conn = self.connection().await?;
+            redis::cmd("FUNCTION")
+                .arg("LOAD")
+                .arg("REPLACE")
+                .arg(LIBRARY)
+                .query_async::<redis::Value>(&mut conn)
+                .await
+                .map_err(|e| BrokerError::Redis(e.to_string()))
+        };
+        match tokio::time::timeout(self.timeout, load).await {
+            Ok(r) => r.map(drop),
+            Err(_) => Err(BrokerError::Timeout),
+        }
+    }
+
+    /// Runs `cmd` (an `FCALL`) within the timeout; if Redis no longer knows the function (a
+    /// restarted or flushed Redis), loads the library and tries once more.
+    async fn fcall<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, BrokerError> {
+        let run = async {
+            let mut conn = self.connection().await?;
+            match cmd.query_async::<T>(&mut conn).await {
+                Err(e) if is_missing_function(&e) => {
+                    drop(conn);
+                    self.load_functions().await?;
+                    let mut conn = self.connection().await?;
+                    cmd.query_async::<T>(&mut conn).await
+                }
+                other => other,
+            }
+            .map_err(|e| BrokerError::Redis(e.to_string()))
+        };
+        match tokio::time::timeout(self.timeout, run).await {
+            Ok(r) => r,
+            Err(_) => Err(BrokerError::Timeout),
+        }
+    }
+
+    /// Like [`fcall`](Self::fcall), for a pipeline of calls whose replies do not matter.
+    async fn fcall_pipeline(&self, pipe: &redis::Pipeline) -> Result<(), BrokerError> {
+        let run = async {
+            let mut conn = self.connection().await?;
+            match pipe.query_async::<redis::Value>(&mut conn).await {
+                Err(e) if is_missing_function(&e) => {
+                    drop(conn);
+                    self.load_functions().await?;
+                    let mut conn = self.connection().await?;
+                    pipe.query_async::<redis::Value>(&mut conn).await
+                }
+                other => other,
+            }
+            .map(drop)
+            .map_err(|e| BrokerError::Redis(e.to_string()))
+        };
+        match tokio::time::timeout(self.timeout, run).await {
+            Ok(r) => r,
+            Err(_) => Err(BrokerError::Timeout),
+        }
+    }
+
+    /// `pushgate_publish`: appends `envelope` to a history channel and publishes it on `topic`,
+    /// atomically. Returns the message's offset and the history's epoch.
+    pub async fn publish_history(
+        &self,
+        stream: &str,
+        meta: &str,
+        topic: &str,
+        envelope: &[u8],
+        size: u64,
+        ttl_ms: u64,
+    ) -> Result<(u64, String), BrokerError> {
+        let started = Instant::now();
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg("pushgate_publish")
+            .arg(2)
+            .arg(stream)
+            .arg(meta)
+            .arg(topic)
+            .arg(envelope)
+            .arg(size)
+            .arg(ttl_ms);
+        let result = self.fcall::<(u64, String)>(&cmd).await;
+        self.metrics
+            .redis_publish_seconds
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// `pushgate_history`: the epoch and last offset of a history channel (a new epoch if it
+    /// has none), and up to `limit` messages after offset `after`.
+    pub async fn read_history(
+        &self,
+        stream: &str,
+        meta: &str,
+        after: u64,
+        limit: u64,
+        ttl_ms: u64,
+    ) -> Result<HistoryEntries, BrokerError> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg("pushgate_history")
+            .arg(2)
+            .arg(stream)
+            .arg(meta)
+            .arg(after)
+            .arg(limit)
+            .arg(ttl_ms);
+        let value = self.fcall::<redis::Value>(&cmd).await?;
+        parse_history(value)
+            .ok_or_else(|| BrokerError::Redis("unexpected pushgate_history reply".into()))
+    }
+
+    /// `pushgate_presence_add` of `(hash, zset, [(session, entry JSON)])` groups, pipelined.
+    pub async fn presence_add(
+        &self,
+        groups: &[PresenceGroup<(String, String)>],
+        ttl_ms: u64,
+    ) -> Result<(), BrokerError> {
+        let mut pipe = redis::pipe();
+        for (hash, zset, entries) in groups {
+            let cmd = pipe
+                .cmd("FCALL")
+                .arg("pushgate_presence_add")
+                .arg(2)
+                .arg(hash)
+                .arg(zset)
+                .arg(ttl_ms);
+            for (session, entry) in entries {
+                cmd.arg(session).arg(entry);
+            }
+        }
+        self.fcall_pipeline(&pipe).await
+    }
+
+    /// `pushgate_presence_touch` of `(hash, zset, sessions)` groups, pipelined.
+    pub async fn presence_touch(
+        &self,
+        groups: &[PresenceGroup<String>],
+        ttl_ms: u64,
+    ) -> Result<(), BrokerError> {
+        let mut pipe = redis::pipe();
+        for (hash, zset, sessions) in groups {
+            pipe.cmd("FCALL")
+                .arg("pushgate_presence_touch")
+                .arg(2)
+                .arg(hash)
+                .arg(zset)
+                .arg(ttl_ms)
+                .arg(sessions);
+        }
+        self.fcall_pipeline(&pipe).await
+    }
+
+    /// `pushgate_presence_remove` of `(hash, zset, sessions)` groups, pipelined.
+    pub async fn presence_remove(
+        &self,
+        groups: &[PresenceGroup<String>],
+    ) -> Result<(), BrokerError> {
+        let mut pipe = redis::pipe();
+        for (hash, zset, sessions) in groups {
+            pipe.cmd("FCALL")
+                .arg("pushgate_presence_remove")
+                .arg(2)
+                .arg(hash)
+                .arg(zset)
+                .arg(sessions);
+        }
+        self.fcall_pipeline(&pipe).await
+    }
+
+    /// `pushgate_presence_list`: the unexpired entries of a presence channel, as JSON.
+    pub async fn presence_list(&self, hash: &str, zset: &str) -> Result<Vec<Vec<u8>>, BrokerError> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg("pushgate_presence_list").arg(2).arg(hash).arg(zset);
+        self.fcall::<Vec<Vec<u8>>>(&cmd).await
+    }
+
     /// Connects, serves one connection until it fails, and again, until shutdown.
     async fn supervise(self: Arc<Self>, inbound: Weak<dyn Inbound>, shutdown: CancellationToken) {
         let mut backoff = BACKOFF_MIN;
@@ -209,10 +413,16 @@ impl RedisBroker {
                     if connected_before {
                         info!("redis subscriber reconnected");
                     }
+                    let reconnect = connected_before;
                     connected_before = true;
                     backoff = BACKOFF_MIN;
                     self.metrics.redis_reconnects.inc();
-                    self.serve(pubsub, &inbound, &shutdown).await;
+                    if self.functions
+                        && let Err(e) = self.load_functions().await
+                    {
+                        warn!(error = %e, "redis functions not loaded; history and presence will fail");
+                    }
+                    self.serve(pubsub, &inbound, &shutdown, reconnect).await;
                     self.mark_down();
                     if shutdown.is_cancelled() {
                         return;
@@ -250,6 +460,7 @@ impl RedisBroker {
         pubsub: redis::aio::PubSub,
         inbound: &Weak<dyn Inbound>,
         shutdown: &CancellationToken,
+        reconnect: bool,
     ) {
         let (sink, mut stream) = pubsub.split();
         let reader = async {
@@ -271,6 +482,9 @@ impl RedisBroker {
                     self.ready.store(true, Ordering::Release);
                     self.metrics.redis_up.set(1);
                     info!("redis subscription ready");
+                    if let Some(inbound) = inbound.upgrade() {
+                        inbound.on_ready(reconnect);
+                    }
                 }
                 self.changed.notified().await;
             }
@@ -385,6 +599,40 @@ impl RedisBroker {
             Err(_) => Err(BrokerError::Timeout),
         }
     }
+}
+
+fn is_missing_function(e: &redis::RedisError) -> bool {
+    e.to_string().contains("Function not found")
+}
+
+fn parse_history(value: redis::Value) -> Option<HistoryEntries> {
+    use redis::Value;
+    let text = |v: Value| match v {
+        Value::BulkString(b) => String::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    };
+    let int = |v: &Value| match v {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        _ => None,
+    };
+    let Value::Array(parts) = value else {
+        return None;
+    };
+    let [epoch, top, Value::Array(flat)] = <[Value; 3]>::try_from(parts).ok()? else {
+        return None;
+    };
+    let top = int(&top)?;
+    let mut entries = Vec::with_capacity(flat.len() / 2);
+    let mut flat = flat.into_iter();
+    while let (Some(offset), Some(payload)) = (flat.next(), flat.next()) {
+        let payload = match payload {
+            Value::BulkString(b) => b,
+            _ => return None,
+        };
+        entries.push((int(&offset)?, payload));
+    }
+    Some((text(epoch)?, top, entries))
 }
 
 fn unix_nanos() -> u64 {

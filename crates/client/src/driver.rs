@@ -1,0 +1,1043 @@
+//! The connection task: one per client. It owns the WebSocket, the subscriptions and the
+//! requests in flight, and decides when and how to reconnect.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use pushgate_protocol::server::{Delivery, ServerFrame};
+use pushgate_protocol::{ErrorCode, RawJson, close};
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tracing::debug;
+
+use crate::backoff::{Backoff, jitter};
+use crate::{CloseReason, Config, Error, Event, Session, State, TokenSource};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Done = oneshot::Sender<Result<(), Error>>;
+
+/// Bound on writing one frame; a connection that cannot take a frame for this long is dead.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a close handshake may take before the connection is dropped anyway.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// A subscribe the node answered with `unavailable` or `rate_limited` is sent again after a
+/// random delay up to this.
+const SUBSCRIBE_RETRY: Duration = Duration::from_secs(2);
+/// The smallest ping interval the watchdog assumes (the welcome states whole seconds, so a
+/// sub-second interval arrives as 0).
+const MIN_PING_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest response body kept from a refused handshake.
+const MAX_REFUSAL_BODY: usize = 512;
+
+pub(crate) enum RequestKind {
+    Publish { channel: String, data: Box<RawJson> },
+    Ping,
+    Refresh { token: String },
+}
+
+pub(crate) enum Command {
+    Subscribe {
+        channel: String,
+        key: u64,
+        tx: mpsc::Sender<Delivery>,
+        dropped: Arc<AtomicU64>,
+        done: Done,
+    },
+    Unsubscribe {
+        channel: String,
+        key: u64,
+        done: Option<Done>,
+    },
+    Request {
+        kind: RequestKind,
+        done: Done,
+    },
+    Close {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// A channel the client holds.
+struct Sub {
+    key: u64,
+    tx: mpsc::Sender<Delivery>,
+    dropped: Arc<AtomicU64>,
+    /// Deliveries are being dropped (queue full); reset by the next one that fits.
+    lagging: bool,
+    /// Callers of `subscribe` waiting for the first ack.
+    waiters: Vec<Done>,
+    // History recovery: the position of the last delivery seen on this channel belongs here,
+    // to be sent as `since` when the subscription is renewed after a reconnect (see
+    // `subscribe_frame`).
+}
+
+/// What a request in flight was.
+enum Pending {
+    Subscribe { channel: String, key: u64 },
+    Unsubscribe { done: Option<Done> },
+    Request { done: Done, refresh: Option<String> },
+    AppPing,
+}
+
+/// Requests as sent on the wire.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Request<'a> {
+    Subscribe {
+        id: u64,
+        channel: &'a str,
+    },
+    Unsubscribe {
+        id: u64,
+        channel: &'a str,
+    },
+    Publish {
+        id: u64,
+        channel: &'a str,
+        data: &'a RawJson,
+    },
+    Ping {
+        id: u64,
+    },
+    Refresh {
+        id: u64,
+        token: &'a str,
+    },
+}
+
+fn encode(request: &Request<'_>) -> String {
+    // Plain structs of strings and numbers (and raw JSON that is already valid) always serialize.
+    serde_json::to_string(request).unwrap_or_default()
+}
+
+/// The `subscribe` request for a channel. History recovery adds the subscription's `since`
+/// position here.
+fn subscribe_frame(id: u64, channel: &str, _sub: &Sub) -> String {
+    encode(&Request::Subscribe { id, channel })
+}
+
+/// How a connection or an attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The handshake got an HTTP response instead of an upgrade.
+    Refused { status: u16, reason: String },
+    /// The node sent a close frame.
+    Closed { code: u16, reason: String },
+    /// Anything else: connect error, I/O error, end without a close frame, silence, timeout.
+    Lost(String),
+}
+
+/// What to do after an [`Outcome`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// Reconnect after the next backoff delay.
+    Backoff,
+    /// Reconnect soon, after a small random delay.
+    Soon,
+    /// Reconnect only with a different token, after a backoff; otherwise stop with this reason.
+    NewTokenOrStop(CloseReason),
+    /// Stop.
+    Stop(CloseReason),
+}
+
+/// The reconnect policy: what each close code and refusal means for a client.
+pub(crate) fn next_step(outcome: &Outcome, fixed_token: bool) -> Next {
+    match outcome {
+        Outcome::Closed { code, .. } if *code == close::GOING_AWAY => Next::Soon,
+        Outcome::Closed { code, .. } if *code == close::TOKEN_EXPIRED => {
+            if fixed_token {
+                Next::Stop(CloseReason::TokenExpired)
+            } else {
+                Next::Soon
+            }
+        }
+        Outcome::Closed { code, reason } if *code == close::DISCONNECTED => {
+            let reason = CloseReason::Disconnected {
+                reason: reason.clone(),
+            };
+            if fixed_token {
+                Next::Stop(reason)
+            } else {
+                Next::NewTokenOrStop(reason)
+            }
+        }
+        Outcome::Refused { status, reason } if *status == 401 || *status == 403 => {
+            let reason = CloseReason::Unauthorized {
+                status: *status,
+                reason: reason.clone(),
+            };
+            if fixed_token {
+                Next::Stop(reason)
+            } else {
+                Next::NewTokenOrStop(reason)
+            }
+        }
+        _ => Next::Backoff,
+    }
+}
+
+/// The connection task's state.
+pub(crate) struct Driver {
+    config: Config,
+    commands: mpsc::Receiver<Command>,
+    events: broadcast::Sender<Event>,
+    direct: broadcast::Sender<Delivery>,
+    state: watch::Sender<State>,
+    subs: HashMap<String, Sub>,
+    backoff: Backoff,
+    /// Index into `config.urls` of the next attempt.
+    url: usize,
+    /// The token of the last attempt.
+    last_token: Option<String>,
+    /// A token already fetched for the next attempt.
+    next_token: Option<String>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    next_id: u64,
+}
+
+/// The client was asked to stop while the task waited for something else.
+struct Stopped(CloseReason);
+
+impl Driver {
+    pub(crate) fn new(
+        config: Config,
+        commands: mpsc::Receiver<Command>,
+        events: broadcast::Sender<Event>,
+        direct: broadcast::Sender<Delivery>,
+        state: watch::Sender<State>,
+    ) -> Self {
+        Self {
+            backoff: Backoff::new(config.backoff_base, config.backoff_max),
+            tls: config.tls.clone(),
+            config,
+            commands,
+            events,
+            direct,
+            state,
+            subs: HashMap::new(),
+            url: 0,
+            last_token: None,
+            next_token: None,
+            next_id: 1,
+        }
+    }
+
+    fn emit(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+
+    fn set_state(&self, state: State) {
+        self.state.send_replace(state);
+    }
+
+    fn fixed_token(&self) -> bool {
+        matches!(self.config.token, TokenSource::Fixed(_))
+    }
+
+    pub(crate) async fn run(mut self) {
+        let reason = loop {
+            let next = match self.attempt().await {
+                Ok(next) => next,
+                Err(Stopped(reason)) => break reason,
+            };
+            if let Err(Stopped(reason)) = self.pause(next).await {
+                break reason;
+            }
+        };
+        for (_, sub) in self.subs.drain() {
+            for waiter in sub.waiters {
+                let _ = waiter.send(Err(Error::Closed(reason.clone())));
+            }
+        }
+        debug!(%reason, "pushgate client stopped");
+        self.set_state(State::Closed(reason.clone()));
+        self.emit(Event::Closed(reason));
+    }
+
+    /// One connection attempt and, if it succeeds, the connection's life. Returns what to do
+    /// next.
+    async fn attempt(&mut self) -> Result<Next, Stopped> {
+        let token = match self.next_token.take() {
+            Some(token) => token,
+            None => match self.fetch_token().await? {
+                Ok(token) => token,
+                Err(reason) => {
+                    self.emit(Event::ConnectFailed {
+                        status: None,
+                        reason,
+                    });
+                    return Ok(Next::Backoff);
+                }
+            },
+        };
+        self.last_token = Some(token.clone());
+        let url = self.config.urls[self.url % self.config.urls.len()].clone();
+        self.url = (self.url + 1) % self.config.urls.len();
+        self.set_state(State::Connecting);
+        self.emit(Event::Connecting { url: url.clone() });
+        let connector = match self.connector(&url) {
+            Ok(c) => c,
+            Err(e) => {
+                self.emit(Event::ConnectFailed {
+                    status: None,
+                    reason: e.to_string(),
+                });
+                return Ok(Next::Backoff);
+            }
+        };
+        let opening = open(url.clone(), token, connector, self.config.connect_timeout);
+        let (ws, session) = match self.offline(opening).await? {
+            Ok(opened) => opened,
+            Err(outcome) => {
+                let (status, reason) = match &outcome {
+                    Outcome::Refused { status, reason } => (Some(*status), reason.clone()),
+                    Outcome::Closed { code, reason } => (None, format!("closed {code} {reason}")),
+                    Outcome::Lost(reason) => (None, reason.clone()),
+                };
+                debug!(%url, ?status, %reason, "pushgate connect failed");
+                self.emit(Event::ConnectFailed { status, reason });
+                return Ok(next_step(&outcome, self.fixed_token()));
+            }
+        };
+        debug!(%url, node = %session.node, session = %session.session, "pushgate connected");
+        let since = Instant::now();
+        self.set_state(State::Connected(session.clone()));
+        self.emit(Event::Connected(session.clone()));
+        let outcome = self.connected(ws, &session).await?;
+        if since.elapsed() >= self.config.stable_after {
+            self.backoff.reset();
+        }
+        let (code, reason) = match &outcome {
+            Outcome::Closed { code, reason } => (Some(*code), reason.clone()),
+            Outcome::Refused { reason, .. } | Outcome::Lost(reason) => (None, reason.clone()),
+        };
+        debug!(?code, %reason, "pushgate disconnected");
+        self.emit(Event::Disconnected { code, reason });
+        Ok(next_step(&outcome, self.fixed_token()))
+    }
+
+    /// Waits before the next attempt as `next` says, or stops.
+    async fn pause(&mut self, next: Next) -> Result<(), Stopped> {
+        let delay = match next {
+            Next::Stop(reason) => return Err(Stopped(reason)),
+            // At once the first time; a node that keeps sending clients away before their
+            // connection is stable gets them back off like any other failure.
+            Next::Soon if self.backoff.attempt() == 0 => {
+                self.backoff.next_delay();
+                jitter(self.config.going_away_jitter)
+            }
+            Next::Soon | Next::Backoff => self.backoff.next_delay(),
+            Next::NewTokenOrStop(reason) => {
+                match self.fetch_token().await? {
+                    Ok(token) if Some(&token) != self.last_token.as_ref() => {
+                        self.next_token = Some(token);
+                    }
+                    Ok(_) => return Err(Stopped(reason)),
+                    // The token service may be down for a moment: the next attempt asks again,
+                    // and stops if the same token is refused once more.
+                    Err(e) => {
+                        debug!(error = %e, "pushgate token source failed");
+                    }
+                }
+                self.backoff.next_delay()
+            }
+        };
+        self.set_state(State::Reconnecting);
+        self.emit(Event::Reconnecting {
+            delay,
+            attempt: self.backoff.attempt(),
+        });
+        self.offline(tokio::time::sleep(delay)).await
+    }
+
+    /// A token for the next attempt (`Err` inside: the source failed, with why).
+    async fn fetch_token(&mut self) -> Result<Result<String, String>, Stopped> {
+        let source = match &self.config.token {
+            TokenSource::Fixed(token) => return Ok(Ok(token.clone())),
+            TokenSource::Source(source) => source.clone(),
+        };
+        let limit = self.config.connect_timeout;
+        let fetch = tokio::time::timeout(limit, source());
+        Ok(match self.offline(fetch).await? {
+            Ok(Ok(token)) => Ok(token),
+            Ok(Err(e)) => Err(format!("token source: {e}")),
+            Err(_) => Err(format!("token source: no token within {limit:?}")),
+        })
+    }
+
+    fn connector(&mut self, url: &str) -> Result<Connector, Error> {
+        if !url
+            .get(..4)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("wss:"))
+        {
+            return Ok(Connector::Plain);
+        }
+        let config = match &self.tls {
+            Some(config) => config.clone(),
+            None => {
+                let config = crate::tls::default_config()?;
+                self.tls = Some(config.clone());
+                config
+            }
+        };
+        Ok(Connector::Rustls(config))
+    }
+
+    /// Runs `fut` while serving commands that need no connection.
+    async fn offline<F: Future>(&mut self, fut: F) -> Result<F::Output, Stopped> {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                out = &mut fut => return Ok(out),
+                command = self.commands.recv() => match command {
+                    None => return Err(Stopped(CloseReason::Closed)),
+                    Some(Command::Close { done }) => {
+                        let _ = done.send(());
+                        return Err(Stopped(CloseReason::Closed));
+                    }
+                    Some(Command::Request { done, .. }) => {
+                        let _ = done.send(Err(Error::NotConnected));
+                    }
+                    Some(Command::Subscribe { channel, key, tx, dropped, done }) => {
+                        self.add_sub(channel, key, tx, dropped, done);
+                    }
+                    Some(Command::Unsubscribe { channel, key, done }) => {
+                        self.remove_sub(&channel, key);
+                        if let Some(done) = done {
+                            let _ = done.send(Ok(()));
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// Registers a subscription; false if the channel is already held.
+    fn add_sub(
+        &mut self,
+        channel: String,
+        key: u64,
+        tx: mpsc::Sender<Delivery>,
+        dropped: Arc<AtomicU64>,
+        done: Done,
+    ) -> bool {
+        if let Some(existing) = self.subs.get(&channel)
+            && !existing.tx.is_closed()
+        {
+            let _ = done.send(Err(Error::AlreadySubscribed(channel)));
+            return false;
+        }
+        self.subs.insert(
+            channel,
+            Sub {
+                key,
+                tx,
+                dropped,
+                lagging: false,
+                waiters: vec![done],
+            },
+        );
+        true
+    }
+
+    /// Forgets a subscription if it is still the one `key` names; true if it was.
+    fn remove_sub(&mut self, channel: &str, key: u64) -> bool {
+        if self.subs.get(channel).is_some_and(|s| s.key == key) {
+            self.subs.remove(channel);
+            true
+        } else {
+            false
+        }
+    }
+
+    fn take_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// Serves an open connection until it ends.
+    async fn connected(&mut self, mut ws: Ws, session: &Session) -> Result<Outcome, Stopped> {
+        let mut pending = HashMap::new();
+        let result = self.serve(&mut ws, session, &mut pending).await;
+        for (_, p) in pending {
+            match p {
+                Pending::Request { done, .. } => {
+                    let _ = done.send(Err(Error::ConnectionLost));
+                }
+                Pending::Unsubscribe { done: Some(done) } => {
+                    let _ = done.send(Ok(()));
+                }
+                _ => {}
+            }
+        }
+        if let Err(Stopped(_)) = &result {
+            let frame = CloseFrame {
+                code: CloseCode::Normal,
+                reason: "".into(),
+            };
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(Some(frame))).await;
+            drain(&mut ws).await;
+        }
+        result
+    }
+
+    async fn serve(
+        &mut self,
+        ws: &mut Ws,
+        session: &Session,
+        pending: &mut HashMap<u64, Pending>,
+    ) -> Result<Outcome, Stopped> {
+        let silence_limit =
+            session.ping_interval.max(MIN_PING_INTERVAL) + self.config.heartbeat_grace;
+        let mut last_heard = Instant::now();
+        let mut app_ping = self.config.app_ping_interval.map(|every| {
+            let mut interval = tokio::time::interval_at(Instant::now() + every, every);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            interval
+        });
+        let mut retry: Vec<String> = Vec::new();
+        let mut retry_at: Option<Instant> = None;
+
+        // Everything held is subscribed again on the new connection.
+        self.subs
+            .retain(|_, s| !s.tx.is_closed() || !s.waiters.is_empty());
+        let channels: Vec<String> = self.subs.keys().cloned().collect();
+        for channel in channels {
+            if let Err(outcome) = self.send_subscribe(ws, pending, &channel).await {
+                return Ok(outcome);
+            }
+        }
+
+        loop {
+            let watchdog = tokio::time::sleep_until(last_heard + silence_limit);
+            let retry_due = retry_at;
+            let retry_timer = async move {
+                match retry_due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let ping_tick = async {
+                match app_ping.as_mut() {
+                    Some(interval) => interval.tick().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let step: Result<(), Outcome> = tokio::select! {
+                message = ws.next() => match message {
+                    None => Err(Outcome::Lost("connection ended without a close frame".into())),
+                    Some(Err(e)) => Err(Outcome::Lost(e.to_string())),
+                    Some(Ok(message)) => {
+                        last_heard = Instant::now();
+                        match message {
+                            Message::Text(text) => self.on_frame(ws, pending, &text, &mut retry, &mut retry_at).await,
+                            Message::Close(frame) => {
+                                let (code, reason) = frame
+                                    .map(|f| (u16::from(f.code), f.reason.to_string()))
+                                    .unwrap_or((close::NORMAL, String::new()));
+                                drain(ws).await;
+                                Err(Outcome::Closed { code, reason })
+                            }
+                            // Pings are answered by the WebSocket layer; binary frames are not
+                            // part of the protocol.
+                            _ => Ok(()),
+                        }
+                    }
+                },
+                command = self.commands.recv() => match command {
+                    None => return Err(Stopped(CloseReason::Closed)),
+                    Some(Command::Close { done }) => {
+                        let _ = done.send(());
+                        return Err(Stopped(CloseReason::Closed));
+                    }
+                    Some(command) => self.on_command(ws, pending, command).await,
+                },
+                () = watchdog => Err(Outcome::Lost(format!(
+                    "heartbeat timeout: nothing from the node for {silence_limit:?}"
+                ))),
+                () = retry_timer => {
+                    retry_at = None;
+                    let mut result = Ok(());
+                    for channel in std::mem::take(&mut retry) {
+                        if self.subs.contains_key(&channel) {
+                            result = self.send_subscribe(ws, pending, &channel).await;
+                            if result.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    result
+                }
+                _ = ping_tick => {
+                    let id = self.take_id();
+                    pending.insert(id, Pending::AppPing);
+                    send(ws, encode(&Request::Ping { id })).await
+                }
+            };
+            if let Err(outcome) = step {
+                return Ok(outcome);
+            }
+        }
+    }
+
+    async fn send_subscribe(
+        &mut self,
+        ws: &mut Ws,
+        pending: &mut HashMap<u64, Pending>,
+        channel: &str,
+    ) -> Result<(), Outcome> {
+        let id = self.take_id();
+        let Some(sub) = self.subs.get(channel) else {
+            return Ok(());
+        };
+        let frame = subscribe_frame(id, channel, sub);
+        pending.insert(
+            id,
+            Pending::Subscribe {
+                channel: channel.to_owned(),
+                key: sub.key,
+            },
+        );
+        send(ws, frame).await
+    }
+
+    async fn on_command(
+        &mut self,
+        ws: &mut Ws,
+        pending: &mut HashMap<u64, Pending>,
+        command: Command,
+    ) -> Result<(), Outcome> {
+        match command {
+            Command::Subscribe {
+                channel,
+                key,
+                tx,
+                dropped,
+                done,
+            } => {
+                if self.add_sub(channel.clone(), key, tx, dropped, done) {
+                    self.send_subscribe(ws, pending, &channel).await?;
+                }
+                Ok(())
+            }
+            Command::Unsubscribe { channel, key, done } => {
+                if !self.remove_sub(&channel, key) {
+                    if let Some(done) = done {
+                        let _ = done.send(Ok(()));
+                    }
+                    return Ok(());
+                }
+                let id = self.take_id();
+                pending.insert(id, Pending::Unsubscribe { done });
+                send(
+                    ws,
+                    encode(&Request::Unsubscribe {
+                        id,
+                        channel: &channel,
+                    }),
+                )
+                .await
+            }
+            Command::Request { kind, done } => {
+                let id = self.take_id();
+                let (frame, refresh) = match &kind {
+                    RequestKind::Publish { channel, data } => {
+                        (encode(&Request::Publish { id, channel, data }), None)
+                    }
+                    RequestKind::Ping => (encode(&Request::Ping { id }), None),
+                    RequestKind::Refresh { token } => {
+                        (encode(&Request::Refresh { id, token }), Some(token.clone()))
+                    }
+                };
+                pending.insert(id, Pending::Request { done, refresh });
+                send(ws, frame).await
+            }
+            Command::Close { done } => {
+                // Handled by the caller; never reaches here.
+                let _ = done.send(());
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_frame(
+        &mut self,
+        ws: &mut Ws,
+        pending: &mut HashMap<u64, Pending>,
+        text: &str,
+        retry: &mut Vec<String>,
+        retry_at: &mut Option<Instant>,
+    ) -> Result<(), Outcome> {
+        let frame = match ServerFrame::decode(text) {
+            Ok(frame) => frame,
+            Err(e) => {
+                // Newer nodes may send frames this client does not know: skip them.
+                debug!(error = %e, "pushgate: skipping an unknown frame");
+                return Ok(());
+            }
+        };
+        match frame {
+            ServerFrame::Message(delivery) => {
+                self.deliver(ws, pending, delivery).await?;
+            }
+            ServerFrame::Ack { id, .. } | ServerFrame::Pong { id } => match pending.remove(&id) {
+                Some(Pending::Subscribe { channel, key }) => {
+                    let Some(sub) = self.subs.get_mut(&channel).filter(|s| s.key == key) else {
+                        return Ok(());
+                    };
+                    for waiter in sub.waiters.drain(..) {
+                        let _ = waiter.send(Ok(()));
+                    }
+                    if sub.tx.is_closed() {
+                        // The caller gave up before the ack.
+                        self.subs.remove(&channel);
+                        return self.send_unsubscribe(ws, pending, &channel).await;
+                    }
+                    self.emit(Event::Subscribed { channel });
+                }
+                Some(Pending::Unsubscribe { done: Some(done) }) => {
+                    let _ = done.send(Ok(()));
+                }
+                Some(Pending::Request { done, refresh }) => {
+                    if let (Some(token), TokenSource::Fixed(fixed)) =
+                        (refresh, &mut self.config.token)
+                    {
+                        *fixed = token;
+                    }
+                    let _ = done.send(Ok(()));
+                }
+                _ => {}
+            },
+            ServerFrame::Error {
+                id: Some(id),
+                code,
+                message,
+            } if pending.contains_key(&id) => match pending.remove(&id) {
+                Some(Pending::Subscribe { channel, key }) => {
+                    if self.subs.get(&channel).is_none_or(|s| s.key != key) {
+                        return Ok(());
+                    }
+                    if matches!(code, ErrorCode::Unavailable | ErrorCode::RateLimited) {
+                        retry.push(channel);
+                        retry_at.get_or_insert_with(|| Instant::now() + jitter(SUBSCRIBE_RETRY));
+                        return Ok(());
+                    }
+                    if let Some(sub) = self.subs.remove(&channel) {
+                        let error = Error::Rejected {
+                            code,
+                            message: message.clone(),
+                        };
+                        for waiter in sub.waiters {
+                            let _ = waiter.send(Err(error.clone()));
+                        }
+                    }
+                    self.emit(Event::SubscribeFailed {
+                        channel,
+                        code,
+                        message,
+                    });
+                }
+                Some(Pending::Unsubscribe { done: Some(done) }) => {
+                    // `not_found`: it is not subscribed, which is what was asked.
+                    let _ = done.send(Ok(()));
+                }
+                Some(Pending::Request { done, .. }) => {
+                    let _ = done.send(Err(Error::Rejected { code, message }));
+                }
+                _ => {}
+            },
+            ServerFrame::Error { code, message, .. } => {
+                self.emit(Event::ServerError { code, message });
+            }
+            ServerFrame::Unsubscribed {
+                channel, reason, ..
+            } => {
+                if self.subs.remove(&channel).is_some() {
+                    self.emit(Event::Unsubscribed { channel, reason });
+                }
+            }
+            ServerFrame::Welcome { .. } | ServerFrame::Presence { .. } => {}
+        }
+        Ok(())
+    }
+
+    async fn send_unsubscribe(
+        &mut self,
+        ws: &mut Ws,
+        pending: &mut HashMap<u64, Pending>,
+        channel: &str,
+    ) -> Result<(), Outcome> {
+        let id = self.take_id();
+        pending.insert(id, Pending::Unsubscribe { done: None });
+        send(ws, encode(&Request::Unsubscribe { id, channel })).await
+    }
+
+    async fn deliver(
+        &mut self,
+        ws: &mut Ws,
+        pending: &mut HashMap<u64, Pending>,
+        delivery: Delivery,
+    ) -> Result<(), Outcome> {
+        let Some(channel) = delivery.channel.clone() else {
+            // No receiver is fine: nobody asked for direct messages. Slow receivers see
+            // `RecvError::Lagged` themselves.
+            let _ = self.direct.send(delivery);
+            return Ok(());
+        };
+        let Some(sub) = self.subs.get_mut(&channel) else {
+            // In flight when we unsubscribed.
+            return Ok(());
+        };
+        match sub.tx.try_send(delivery) {
+            Ok(()) => sub.lagging = false,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let dropped = sub.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if !sub.lagging {
+                    sub.lagging = true;
+                    self.emit(Event::Lagged { channel, dropped });
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                // The Subscription was dropped and its unsubscribe did not get through.
+                self.subs.remove(&channel);
+                return self.send_unsubscribe(ws, pending, &channel).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn send(ws: &mut Ws, text: String) -> Result<(), Outcome> {
+    match tokio::time::timeout(WRITE_TIMEOUT, ws.send(Message::Text(text.into()))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Outcome::Lost(format!("write: {e}"))),
+        Err(_) => Err(Outcome::Lost(format!(
+            "write: blocked for {WRITE_TIMEOUT:?}"
+        ))),
+    }
+}
+
+/// Reads until the end (bounded), so that the close handshake completes.
+async fn drain(ws: &mut Ws) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+/// Opens a connection and reads the welcome.
+async fn open(
+    url: String,
+    token: String,
+    connector: Connector,
+    limit: Duration,
+) -> Result<(Ws, Session), Outcome> {
+    let mut request = url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| Outcome::Lost(format!("invalid URL: {e}")))?;
+    let bearer = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| Outcome::Refused {
+            // Treated like a refusal: this token can never work, only another one can.
+            status: 401,
+            reason: "the token is not a valid HTTP header value (not sent)".into(),
+        })?;
+    request.headers_mut().insert("authorization", bearer);
+    let opening = async {
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async_tls_with_config(request, None, true, Some(connector))
+                .await
+                .map_err(|e| match e {
+                    tungstenite::Error::Http(response) => Outcome::Refused {
+                        status: response.status().as_u16(),
+                        reason: refusal_reason(response.body().as_deref()),
+                    },
+                    other => Outcome::Lost(other.to_string()),
+                })?;
+        loop {
+            match ws.next().await {
+                None => return Err(Outcome::Lost("connection ended before the welcome".into())),
+                Some(Err(e)) => return Err(Outcome::Lost(e.to_string())),
+                Some(Ok(Message::Text(text))) => match ServerFrame::decode(&text) {
+                    Ok(ServerFrame::Welcome {
+                        session,
+                        user,
+                        node,
+                        ping_interval,
+                    }) => {
+                        let session = Session {
+                            session,
+                            user,
+                            node,
+                            ping_interval: Duration::from_secs(ping_interval),
+                            url: url.clone(),
+                        };
+                        return Ok((ws, session));
+                    }
+                    _ => {
+                        return Err(Outcome::Lost(format!(
+                            "expected a welcome, got {}",
+                            truncate(&text, 200)
+                        )));
+                    }
+                },
+                Some(Ok(Message::Close(frame))) => {
+                    let (code, reason) = frame
+                        .map(|f| (u16::from(f.code), f.reason.to_string()))
+                        .unwrap_or((close::NORMAL, String::new()));
+                    drain(&mut ws).await;
+                    return Err(Outcome::Closed { code, reason });
+                }
+                Some(Ok(_)) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, opening)
+        .await
+        .unwrap_or_else(|_| Err(Outcome::Lost(format!("no welcome within {limit:?}"))))
+}
+
+/// The `reason` of a pushgate refusal body (`{"error":…,"reason":…}`), or the body as text.
+fn refusal_reason(body: Option<&[u8]>) -> String {
+    let Some(body) = body else {
+        return String::new();
+    };
+    #[derive(serde::Deserialize)]
+    struct Refusal {
+        reason: String,
+    }
+    match serde_json::from_slice::<Refusal>(body) {
+        Ok(r) => r.reason,
+        Err(_) => truncate(&String::from_utf8_lossy(body), MAX_REFUSAL_BODY).to_owned(),
+    }
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn closed(code: u16) -> Outcome {
+        Outcome::Closed {
+            code,
+            reason: close::reason(code).into(),
+        }
+    }
+
+    #[test]
+    fn close_codes_map_to_the_documented_behaviour() {
+        for fixed in [true, false] {
+            assert_eq!(next_step(&closed(1001), fixed), Next::Soon);
+            for code in [1000, 1008, 1009, 1011, 4008, 4009, 4999, 3000] {
+                assert_eq!(next_step(&closed(code), fixed), Next::Backoff, "{code}");
+            }
+            assert_eq!(next_step(&Outcome::Lost("x".into()), fixed), Next::Backoff);
+            for status in [400, 404, 429, 500, 502, 503] {
+                let refused = Outcome::Refused {
+                    status,
+                    reason: String::new(),
+                };
+                assert_eq!(next_step(&refused, fixed), Next::Backoff, "{status}");
+            }
+        }
+        let disconnected = CloseReason::Disconnected {
+            reason: "disconnected by server".into(),
+        };
+        assert_eq!(
+            next_step(&closed(4003), true),
+            Next::Stop(disconnected.clone())
+        );
+        assert_eq!(
+            next_step(&closed(4003), false),
+            Next::NewTokenOrStop(disconnected)
+        );
+        assert_eq!(
+            next_step(&closed(4001), true),
+            Next::Stop(CloseReason::TokenExpired)
+        );
+        assert_eq!(next_step(&closed(4001), false), Next::Soon);
+        let refused = Outcome::Refused {
+            status: 401,
+            reason: "token expired".into(),
+        };
+        let unauthorized = CloseReason::Unauthorized {
+            status: 401,
+            reason: "token expired".into(),
+        };
+        assert_eq!(next_step(&refused, true), Next::Stop(unauthorized.clone()));
+        assert_eq!(
+            next_step(&refused, false),
+            Next::NewTokenOrStop(unauthorized)
+        );
+    }
+
+    #[test]
+    fn refusal_bodies_are_read_leniently() {
+        assert_eq!(
+            refusal_reason(Some(
+                br#"{"error":"unauthorized","reason":"invalid signature"}"#
+            )),
+            "invalid signature"
+        );
+        assert_eq!(refusal_reason(Some(b"Bad Gateway")), "Bad Gateway");
+        assert_eq!(refusal_reason(None), "");
+        let long = "é".repeat(600);
+        assert!(refusal_reason(Some(long.as_bytes())).len() <= MAX_REFUSAL_BODY);
+    }
+
+    #[test]
+    fn requests_encode_as_the_protocol_says() {
+        let data = RawJson::from_string(r#"{"a":[1, 2]}"#.into()).unwrap();
+        assert_eq!(
+            encode(&Request::Publish {
+                id: 3,
+                channel: "c",
+                data: &data
+            }),
+            r#"{"type":"publish","id":3,"channel":"c","data":{"a":[1, 2]}}"#
+        );
+        assert_eq!(
+            encode(&Request::Subscribe {
+                id: 1,
+                channel: "room:1"
+            }),
+            r#"{"type":"subscribe","id":1,"channel":"room:1"}"#
+        );
+        assert_eq!(
+            encode(&Request::Ping { id: 4 }),
+            r#"{"type":"ping","id":4}"#
+        );
+        for text in [
+            encode(&Request::Unsubscribe {
+                id: 2,
+                channel: "x",
+            }),
+            encode(&Request::Refresh { id: 5, token: "t" }),
+        ] {
+            pushgate_protocol::ClientFrame::decode(&text).unwrap();
+        }
+    }
+}
