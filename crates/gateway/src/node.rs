@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use pushgate_protocol::envelope::{EnvelopeError, NodeStats};
+use pushgate_protocol::envelope::{EnvelopeError, NodeStats, Stamp};
 use pushgate_protocol::server::{MessageRef, encode_message, encode_message_at};
 use pushgate_protocol::{
     ControlMessage, Envelope, NodeMessage, PresenceEntry, RawJson, Target, close,
@@ -344,22 +344,10 @@ impl Node {
     fn history_frame(&self, channel: &str, payload: &[u8]) -> Result<(u64, Frame), EnvelopeError> {
         let (e, stamp) = Envelope::decode_stamped(payload)?;
         let stamp = stamp.ok_or(EnvelopeError::BadStamp)?;
-        let generated;
-        let id = match &e.id {
-            Some(id) => id.as_ref(),
-            None => {
-                generated = format!("{}:{}", stamp.epoch, stamp.offset);
-                &generated
-            }
-        };
-        let m = MessageRef {
-            id,
-            ts: e.ts.unwrap_or_else(unix_millis),
-            from: e.from.as_deref(),
-            target: Target::Channel(channel),
-            data: e.data,
-        };
-        Ok((stamp.offset, self.encode_at(&m, stamp.offset, &stamp.epoch)))
+        let frame = received(&e, Target::Channel(channel), Some(&stamp), |m| {
+            self.encode_at(m, stamp.offset, &stamp.epoch)
+        });
+        Ok((stamp.offset, frame))
     }
 
     /// Reads a history channel: its epoch and last offset, and up to `limit` messages after
@@ -462,22 +450,9 @@ impl Node {
         let Some(stamp) = stamp else {
             return self.on_plain(Target::Channel(channel), e);
         };
-        let generated;
-        let id = match &e.id {
-            Some(id) => id.as_ref(),
-            None => {
-                generated = format!("{}:{}", stamp.epoch, stamp.offset);
-                &generated
-            }
-        };
-        let m = MessageRef {
-            id,
-            ts: e.ts.unwrap_or_else(unix_millis),
-            from: e.from.as_deref(),
-            target: Target::Channel(channel),
-            data: e.data,
-        };
-        let frame = self.encode_at(&m, stamp.offset, &stamp.epoch);
+        let frame = received(&e, Target::Channel(channel), Some(&stamp), |m| {
+            self.encode_at(m, stamp.offset, &stamp.epoch)
+        });
         self.hub
             .to_channel_at(channel, &frame, &stamp.epoch, stamp.offset);
         Ok(())
@@ -491,21 +466,7 @@ impl Node {
         if e.origin.as_deref() == Some(&*self.instance) {
             return Ok(()); // our own echo: delivered when published
         }
-        let generated;
-        let id = match &e.id {
-            Some(id) => id.as_ref(),
-            None => {
-                generated = Uuid::now_v7().to_string();
-                &generated
-            }
-        };
-        self.deliver_locally(&MessageRef {
-            id,
-            ts: e.ts.unwrap_or_else(unix_millis),
-            from: e.from.as_deref(),
-            target,
-            data: e.data,
-        });
+        received(&e, target, None, |m| self.deliver_locally(m));
         Ok(())
     }
 
@@ -515,22 +476,10 @@ impl Node {
                 let Some((_, id)) = parse_session_id(&session) else {
                     return Err(EnvelopeError::MissingSession);
                 };
-                let generated;
-                let msg_id = match &envelope.id {
-                    Some(id) => id.as_ref(),
-                    None => {
-                        generated = Uuid::now_v7().to_string();
-                        &generated
-                    }
-                };
-                let m = MessageRef {
-                    id: msg_id,
-                    ts: envelope.ts.unwrap_or_else(unix_millis),
-                    from: envelope.from.as_deref(),
-                    target: Target::Session(&session),
-                    data: envelope.data,
-                };
-                self.hub.to_session(id, &self.encode(&m));
+                let frame = received(&envelope, Target::Session(&session), None, |m| {
+                    self.encode(m)
+                });
+                self.hub.to_session(id, &frame);
             }
             NodeMessage::Probe { .. } => {} // answered by the broker itself
         }
@@ -829,6 +778,36 @@ impl Inbound for Node {
             }
         });
     }
+}
+
+/// Builds the delivery of an envelope received from Redis and hands it to `f`. A message without
+/// an `id` gets one: `{epoch}:{offset}` on a history channel (the same on every node and every
+/// read), a new UUID v7 otherwise; a missing `ts` is now.
+fn received<R>(
+    e: &Envelope<'_>,
+    target: Target<'_>,
+    stamp: Option<&Stamp<'_>>,
+    f: impl FnOnce(&MessageRef<'_>) -> R,
+) -> R {
+    let generated;
+    let id = match (&e.id, stamp) {
+        (Some(id), _) => id.as_ref(),
+        (None, Some(s)) => {
+            generated = format!("{}:{}", s.epoch, s.offset);
+            &generated
+        }
+        (None, None) => {
+            generated = Uuid::now_v7().to_string();
+            &generated
+        }
+    };
+    f(&MessageRef {
+        id,
+        ts: e.ts.unwrap_or_else(unix_millis),
+        from: e.from.as_deref(),
+        target,
+        data: e.data,
+    })
 }
 
 /// Splits a public session ID into its node and local ID.

@@ -156,18 +156,7 @@ where
     // Debug level: at the default level no span data is kept per connection.
     let span = debug_span!("session", session = %node.session_id(handle.id), user = %grant.user);
     let (sink, stream) = socket.split();
-    let session = Session {
-        bucket: Bucket {
-            tokens: f64::from(node.config.client_burst),
-            at: Instant::now(),
-        },
-        node,
-        handle,
-        grant,
-        channels: Vec::new(),
-        sink,
-        sse: false,
-    };
+    let session = Session::new(node, handle, grant, sink, false);
     session.serve(stream, None).instrument(span).await;
     drop(admission);
 }
@@ -188,18 +177,7 @@ pub async fn run_sse<W, R, E>(
 {
     let handle = SessionHandle::new(grant.user.as_str().into(), node.config.outbound_queue);
     let span = debug_span!("sse", session = %node.session_id(handle.id), user = %grant.user);
-    let session = Session {
-        bucket: Bucket {
-            tokens: f64::from(node.config.client_burst),
-            at: Instant::now(),
-        },
-        node,
-        handle,
-        grant,
-        channels: Vec::new(),
-        sink,
-        sse: true,
-    };
+    let session = Session::new(node, handle, grant, sink, true);
     session.serve(stream, Some(start)).instrument(span).await;
     drop(admission);
 }
@@ -231,6 +209,23 @@ async fn bounded<T, X>(
                 node.metrics.drops.slow_consumer.inc();
             }
             Err(Stop::Close(close::SLOW_CONSUMER))
+        }
+    }
+}
+
+impl<W> Session<W> {
+    fn new(node: Arc<Node>, handle: Arc<SessionHandle>, grant: Grant, sink: W, sse: bool) -> Self {
+        Self {
+            bucket: Bucket {
+                tokens: f64::from(node.config.client_burst),
+                at: Instant::now(),
+            },
+            node,
+            handle,
+            grant,
+            channels: Vec::new(),
+            sink,
+            sse,
         }
     }
 }
