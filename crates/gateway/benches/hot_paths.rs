@@ -85,7 +85,7 @@ fn fan_out_to_10k_queues(bencher: Bencher) {
         .collect();
     let frame = Frame::from(encode_message_frame());
     bencher.bench_local(|| {
-        let delivered = hub.to_channel("room:1", &frame);
+        let delivered = hub.to_channel("room:1", || frame.clone());
         for s in &sessions {
             black_box(s.next_frame());
         }

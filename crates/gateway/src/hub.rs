@@ -385,16 +385,18 @@ impl Hub {
     }
 
     /// Queues `frame` to every local subscriber of `channel`; returns how many took it.
-    pub fn to_channel(&self, channel: &str, frame: &Frame) -> usize {
+    /// `frame` is made only if the channel has local subscribers.
+    pub fn to_channel(&self, channel: &str, frame: impl FnOnce() -> Frame) -> usize {
         read(&self.channels)
             .get(channel)
-            .map_or(0, |m| self.offer(m, frame, None))
+            .map_or(0, |m| self.offer(m, &frame(), None))
     }
 
-    pub fn to_user(&self, user: &str, frame: &Frame) -> usize {
+    /// `frame` is made only if the user has local sessions.
+    pub fn to_user(&self, user: &str, frame: impl FnOnce() -> Frame) -> usize {
         read(&self.users)
             .get(user)
-            .map_or(0, |m| self.offer(m, frame, None))
+            .map_or(0, |m| self.offer(m, &frame(), None))
     }
 
     pub fn to_all(&self, frame: &Frame) -> usize {
@@ -453,10 +455,10 @@ mod tests {
         assert_eq!(hub.join("room", &a).map(|j| j.1), Some(true));
         assert_eq!(hub.join("room", &a), None, "joining twice is a no-op");
         let frame = Frame::from("x");
-        assert_eq!(hub.to_channel("room", &frame), 1);
+        assert_eq!(hub.to_channel("room", || frame.clone()), 1);
         assert_eq!(a.next_frame(), Some(frame.clone()));
         assert_eq!(b.next_frame(), None);
-        assert_eq!(hub.to_channel("nobody", &frame), 0);
+        assert_eq!(hub.to_channel("nobody", || frame.clone()), 0);
         assert_eq!(m.deliveries.get(), 1);
     }
 
@@ -468,7 +470,7 @@ mod tests {
         assert!(hub.insert(&a1));
         assert!(!hub.insert(&a2), "second session of a user");
         let f = Frame::from("u");
-        assert_eq!(hub.to_user("alice", &f), 2);
+        assert_eq!(hub.to_user("alice", || f.clone()), 2);
         assert!(hub.to_session(a2.id, &f));
         assert_eq!(hub.to_all(&f), 2);
         let queued = |s: &SessionHandle| std::iter::from_fn(|| s.next_frame()).count();
@@ -495,7 +497,7 @@ mod tests {
         hub.join("c", &slow);
         hub.join("c", &fast);
         for _ in 0..3 {
-            hub.to_channel("c", &Frame::from("m"));
+            hub.to_channel("c", || Frame::from("m"));
             fast.next_frame().unwrap();
         }
         assert_eq!(

@@ -216,8 +216,8 @@ impl Node {
 
     fn deliver_locally(&self, m: &MessageRef<'_>) -> usize {
         match m.target {
-            Target::Channel(c) => self.hub.to_channel(c, &self.encode(m)),
-            Target::User(u) => self.hub.to_user(u, &self.encode(m)),
+            Target::Channel(c) => self.hub.to_channel(c, || self.encode(m)),
+            Target::User(u) => self.hub.to_user(u, || self.encode(m)),
             Target::Broadcast => self.hub.to_all(&self.encode(m)),
             Target::Session(s) => match parse_session_id(s) {
                 Some((node, id)) if node == &*self.instance => {

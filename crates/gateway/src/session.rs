@@ -248,7 +248,8 @@ where
             &node.session_id(self.handle.id),
             &self.grant.user,
             &node.instance,
-            node.config.ping_interval.as_secs(),
+            // Whole seconds, rounded up: a client's watchdog must never expect pings sooner.
+            node.config.ping_interval.as_millis().div_ceil(1000) as u64,
         );
         debug!("connected");
 
