@@ -139,12 +139,12 @@ export class Pushgate {
   // ---- events ----
 
   /**
-   * Events: `connecting` {attempt, url}, `connected` {session, user, node, pingInterval},
-   * `disconnected` {code, reason, connected, reconnect, delay}, `error` (a PushgateError),
-   * `state` (state, previous), `subscribed` {channel, resubscribed, recovered, position},
-   * `unsubscribed` {channel, reason}, `refreshed` {exp}, `message` (deliveries addressed to the
-   * user, the session or everyone rather than to a channel). Returns a function that removes
-   * the listener.
+   * Events: `connecting` {attempt, url}, `connected` {session, user, node, pingInterval,
+   * reconnected}, `disconnected` {code, reason, connected, reconnect, delay}, `error` (a
+   * PushgateError), `state` (state, previous), `subscribed` {channel, resubscribed, recovered,
+   * position}, `unsubscribed` {channel, code, reason}, `refreshed` {exp}, `message` (deliveries
+   * addressed to the user, the session or everyone rather than to a channel). Returns a
+   * function that removes the listener.
    */
   on(event, fn) {
     if (!this._listeners.has(event)) this._listeners.set(event, new Set());
@@ -675,7 +675,8 @@ export class Pushgate {
       const conn = this._conn;
       if (conn && conn.welcomed) this._subscribe(conn, state);
     }
-    const handler = typeof onMessage === "function" ? onMessage : noop;
+    // One entry per handle, so that a function passed twice is two subscriptions.
+    const handler = typeof onMessage === "function" ? (m) => onMessage(m) : noop;
     state.handlers.add(handler);
     return new Subscription(this, state, handler);
   }
