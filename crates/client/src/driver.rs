@@ -4,11 +4,11 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use pushgate_protocol::server::{Delivery, ServerFrame};
+use pushgate_protocol::server::{Delivery, Position, ServerFrame, UNSUBSCRIBED_HISTORY_LOST};
 use pushgate_protocol::{ErrorCode, RawJson, close};
 use serde::Serialize;
 use tokio::net::TcpStream;
@@ -22,7 +22,10 @@ use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use tracing::debug;
 
 use crate::backoff::{Backoff, jitter};
-use crate::{CloseReason, Config, Error, Event, Session, State, TokenSource};
+use crate::{
+    CloseReason, Config, Error, Event, Session, Shared, State, TokenSource, UnsubscribeCode,
+    UnsubscribeReason,
+};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 type Done = oneshot::Sender<Result<(), Error>>;
@@ -51,7 +54,9 @@ pub(crate) enum Command {
         channel: String,
         key: u64,
         tx: mpsc::Sender<Delivery>,
-        dropped: Arc<AtomicU64>,
+        shared: Arc<Shared>,
+        /// A position the application kept, to subscribe from.
+        since: Option<Position>,
         done: Done,
     },
     Unsubscribe {
@@ -72,21 +77,98 @@ pub(crate) enum Command {
 struct Sub {
     key: u64,
     tx: mpsc::Sender<Delivery>,
-    dropped: Arc<AtomicU64>,
+    shared: Arc<Shared>,
     /// Deliveries are being dropped (queue full); reset by the next one that fits.
     lagging: bool,
     /// Callers of `subscribe` waiting for the first ack.
     waiters: Vec<Done>,
-    // History recovery: the position of the last delivery seen on this channel belongs here,
-    // to be sent as `since` when the subscription is renewed after a reconnect (see
-    // `subscribe_frame`).
+    /// On a history channel: the position of the last delivery taken in, or the ack's position
+    /// while nothing was delivered since. Sent as `since` when the subscription is renewed.
+    /// Mirrored in `shared` for [`Subscription::position`](crate::Subscription::position).
+    position: Option<Position>,
+    /// A node has acknowledged this subscription: subscribing again is a resubscribe, which
+    /// has something to recover.
+    acked: bool,
+}
+
+impl Sub {
+    /// Takes in the position of a delivery. False if it is a duplicate: in the epoch last seen,
+    /// at or below the last offset.
+    fn advance(&mut self, offset: u64, epoch: &str) -> bool {
+        match &mut self.position {
+            Some(seen) if seen.epoch == epoch => {
+                if offset <= seen.offset {
+                    return false;
+                }
+                seen.offset = offset;
+            }
+            _ => {
+                self.position = Some(Position {
+                    offset,
+                    epoch: epoch.to_owned(),
+                });
+            }
+        }
+        self.shared.history().position.clone_from(&self.position);
+        true
+    }
+
+    /// Takes in the ack of a subscribe sent with `since` (or none): returns what to report as
+    /// `recovered` (`None` when nothing was to be recovered).
+    fn acked(
+        &mut self,
+        since: Option<&Position>,
+        resubscribe: bool,
+        position: Option<Position>,
+        recovered: Option<bool>,
+    ) -> Option<bool> {
+        // A resubscribe or a subscribe with `since` had something to recover; an ack without
+        // `recovered` (a channel without history) recovered nothing.
+        let report = (since.is_some() || resubscribe).then_some(recovered == Some(true));
+        if let Some(p) = position {
+            let adopt = match (since, report) {
+                // What was missed follows: the position moves on with it.
+                (Some(_), Some(true)) => false,
+                // Not recovered: delivery goes on after the channel's position.
+                (Some(_), _) | (None, Some(false)) => true,
+                // A plain subscribe: delivery starts after the ack's position, unless
+                // deliveries already went past it.
+                (None, _) => !self
+                    .position
+                    .as_ref()
+                    .is_some_and(|seen| seen.epoch == p.epoch && seen.offset > p.offset),
+            };
+            if adopt {
+                self.position = Some(p);
+            }
+        }
+        self.acked = true;
+        let mut shared = self.shared.history();
+        shared.position.clone_from(&self.position);
+        if report.is_some() {
+            shared.recovered = report;
+        }
+        report
+    }
 }
 
 /// What a request in flight was.
 enum Pending {
-    Subscribe { channel: String, key: u64 },
-    Unsubscribe { done: Option<Done> },
-    Request { done: Done, refresh: Option<String> },
+    Subscribe {
+        channel: String,
+        key: u64,
+        /// The `since` sent with it.
+        since: Option<Position>,
+        /// Whether the channel had been acknowledged before.
+        resubscribe: bool,
+    },
+    Unsubscribe {
+        done: Option<Done>,
+    },
+    Request {
+        done: Done,
+        refresh: Option<String>,
+    },
     AppPing,
 }
 
@@ -97,6 +179,8 @@ enum Request<'a> {
     Subscribe {
         id: u64,
         channel: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        since: Option<&'a Position>,
     },
     Unsubscribe {
         id: u64,
@@ -121,10 +205,14 @@ fn encode(request: &Request<'_>) -> String {
     serde_json::to_string(request).unwrap_or_default()
 }
 
-/// The `subscribe` request for a channel. History recovery adds the subscription's `since`
-/// position here.
-fn subscribe_frame(id: u64, channel: &str, _sub: &Sub) -> String {
-    encode(&Request::Subscribe { id, channel })
+/// The `subscribe` request for a channel: with `since` when the subscription has a position
+/// (a history channel), so that the node sends what was missed.
+fn subscribe_frame(id: u64, channel: &str, sub: &Sub) -> String {
+    encode(&Request::Subscribe {
+        id,
+        channel,
+        since: sub.position.as_ref(),
+    })
 }
 
 /// How a connection or an attempt ended.
@@ -409,8 +497,8 @@ impl Driver {
                     Some(Command::Request { done, .. }) => {
                         let _ = done.send(Err(Error::NotConnected));
                     }
-                    Some(Command::Subscribe { channel, key, tx, dropped, done }) => {
-                        self.add_sub(channel, key, tx, dropped, done);
+                    Some(Command::Subscribe { channel, key, tx, shared, since, done }) => {
+                        self.add_sub(channel, key, tx, shared, since, done);
                     }
                     Some(Command::Unsubscribe { channel, key, done }) => {
                         self.remove_sub(&channel, key);
@@ -429,7 +517,8 @@ impl Driver {
         channel: String,
         key: u64,
         tx: mpsc::Sender<Delivery>,
-        dropped: Arc<AtomicU64>,
+        shared: Arc<Shared>,
+        since: Option<Position>,
         done: Done,
     ) -> bool {
         if let Some(existing) = self.subs.get(&channel)
@@ -443,9 +532,11 @@ impl Driver {
             Sub {
                 key,
                 tx,
-                dropped,
+                shared,
                 lagging: false,
                 waiters: vec![done],
+                position: since,
+                acked: false,
             },
         );
         true
@@ -608,6 +699,8 @@ impl Driver {
             Pending::Subscribe {
                 channel: channel.to_owned(),
                 key: sub.key,
+                since: sub.position.clone(),
+                resubscribe: sub.acked,
             },
         );
         send(ws, frame).await
@@ -624,10 +717,11 @@ impl Driver {
                 channel,
                 key,
                 tx,
-                dropped,
+                shared,
+                since,
                 done,
             } => {
-                if self.add_sub(channel.clone(), key, tx, dropped, done) {
+                if self.add_sub(channel.clone(), key, tx, shared, since, done) {
                     self.send_subscribe(ws, pending, &channel).await?;
                 }
                 Ok(())
@@ -692,11 +786,23 @@ impl Driver {
             ServerFrame::Message(delivery) => {
                 self.deliver(ws, pending, delivery).await?;
             }
-            ServerFrame::Ack { id, .. } | ServerFrame::Pong { id } => match pending.remove(&id) {
-                Some(Pending::Subscribe { channel, key }) => {
+            ServerFrame::Ack {
+                id,
+                position,
+                recovered,
+            } => match pending.remove(&id) {
+                Some(Pending::Subscribe {
+                    channel,
+                    key,
+                    since,
+                    resubscribe,
+                }) => {
                     let Some(sub) = self.subs.get_mut(&channel).filter(|s| s.key == key) else {
                         return Ok(());
                     };
+                    // Before the waiters hear of it, so that a new Subscription already shows
+                    // its position.
+                    let recovered = sub.acked(since.as_ref(), resubscribe, position, recovered);
                     for waiter in sub.waiters.drain(..) {
                         let _ = waiter.send(Ok(()));
                     }
@@ -705,27 +811,33 @@ impl Driver {
                         self.subs.remove(&channel);
                         return self.send_unsubscribe(ws, pending, &channel).await;
                     }
-                    self.emit(Event::Subscribed { channel });
-                }
-                Some(Pending::Unsubscribe { done: Some(done) }) => {
-                    let _ = done.send(Ok(()));
-                }
-                Some(Pending::Request { done, refresh }) => {
-                    if let (Some(token), TokenSource::Fixed(fixed)) =
-                        (refresh, &mut self.config.token)
-                    {
-                        *fixed = token;
+                    let position = sub.position.clone();
+                    if let Some(recovered) = recovered {
+                        debug!(%channel, recovered, ?position, "pushgate resubscribed");
                     }
-                    let _ = done.send(Ok(()));
+                    self.emit(Event::Subscribed {
+                        channel: channel.clone(),
+                    });
+                    if let Some(recovered) = recovered {
+                        self.emit(Event::Recovered {
+                            channel,
+                            recovered,
+                            position,
+                        });
+                    }
                 }
-                _ => {}
+                other => self.on_reply(other),
             },
+            ServerFrame::Pong { id } => {
+                let reply = pending.remove(&id);
+                self.on_reply(reply);
+            }
             ServerFrame::Error {
                 id: Some(id),
                 code,
                 message,
             } if pending.contains_key(&id) => match pending.remove(&id) {
-                Some(Pending::Subscribe { channel, key }) => {
+                Some(Pending::Subscribe { channel, key, .. }) => {
                     if self.subs.get(&channel).is_none_or(|s| s.key != key) {
                         return Ok(());
                     }
@@ -762,15 +874,60 @@ impl Driver {
                 self.emit(Event::ServerError { code, message });
             }
             ServerFrame::Unsubscribed {
-                channel, reason, ..
+                channel,
+                code,
+                reason,
             } => {
-                if self.subs.remove(&channel).is_some() {
-                    self.emit(Event::Unsubscribed { channel, reason });
+                if code.as_deref() == Some(UNSUBSCRIBED_HISTORY_LOST) {
+                    // Messages were missed that history no longer holds: subscribe again from
+                    // the last position; the ack says what could be recovered.
+                    let Some(sub) = self.subs.get(&channel) else {
+                        return Ok(());
+                    };
+                    if sub.tx.is_closed() {
+                        self.subs.remove(&channel);
+                        return Ok(());
+                    }
+                    debug!(%channel, position = ?sub.position, "pushgate: history lost, subscribing again");
+                    return self.send_subscribe(ws, pending, &channel).await;
                 }
+                let Some(sub) = self.subs.remove(&channel) else {
+                    return Ok(());
+                };
+                let reason = UnsubscribeReason {
+                    code: UnsubscribeCode::from_wire(code),
+                    message: reason,
+                };
+                // A subscribe still waiting for its first ack fails with the notice's text
+                // (`revoked`: as it would have been refused under the new token).
+                for waiter in sub.waiters {
+                    let _ = waiter.send(Err(Error::Rejected {
+                        code: ErrorCode::Forbidden,
+                        message: reason.message.clone(),
+                    }));
+                }
+                self.emit(Event::Unsubscribed { channel, reason });
             }
             ServerFrame::Welcome { .. } | ServerFrame::Presence { .. } => {}
         }
         Ok(())
+    }
+
+    /// A successful reply to a request that is not a subscribe.
+    fn on_reply(&mut self, pending: Option<Pending>) {
+        match pending {
+            Some(Pending::Unsubscribe { done: Some(done) }) => {
+                let _ = done.send(Ok(()));
+            }
+            Some(Pending::Request { done, refresh }) => {
+                if let (Some(token), TokenSource::Fixed(fixed)) = (refresh, &mut self.config.token)
+                {
+                    *fixed = token;
+                }
+                let _ = done.send(Ok(()));
+            }
+            _ => {}
+        }
     }
 
     async fn send_unsubscribe(
@@ -800,10 +957,16 @@ impl Driver {
             // In flight when we unsubscribed.
             return Ok(());
         };
+        if let (Some(offset), Some(epoch)) = (delivery.offset, delivery.epoch.as_deref())
+            && !sub.advance(offset, epoch)
+        {
+            debug!(%channel, offset, epoch, "pushgate: dropping a delivery already seen");
+            return Ok(());
+        }
         match sub.tx.try_send(delivery) {
             Ok(()) => sub.lagging = false,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                let dropped = sub.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                let dropped = sub.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 if !sub.lagging {
                     sub.lagging = true;
                     self.emit(Event::Lagged { channel, dropped });
@@ -994,6 +1157,83 @@ mod tests {
         );
     }
 
+    fn sub(since: Option<Position>) -> Sub {
+        let (tx, _) = mpsc::channel(1);
+        Sub {
+            key: 1,
+            tx,
+            shared: Arc::new(Shared::default()),
+            lagging: false,
+            waiters: Vec::new(),
+            position: since,
+            acked: false,
+        }
+    }
+
+    fn at(offset: u64, epoch: &str) -> Position {
+        Position {
+            offset,
+            epoch: epoch.into(),
+        }
+    }
+
+    #[test]
+    fn deliveries_at_or_below_the_last_offset_of_the_epoch_are_duplicates() {
+        let mut s = sub(None);
+        assert!(s.advance(3, "e1"));
+        assert!(!s.advance(3, "e1"), "the same offset again");
+        assert!(!s.advance(2, "e1"), "an older one");
+        assert!(
+            s.advance(5, "e1"),
+            "a gap is the node's business, not a duplicate"
+        );
+        assert_eq!(s.position, Some(at(5, "e1")));
+        // A new epoch restarts the offsets.
+        assert!(s.advance(1, "e2"));
+        assert!(!s.advance(1, "e2"));
+        assert_eq!(s.position, Some(at(1, "e2")));
+        assert_eq!(s.shared.history().position, Some(at(1, "e2")));
+    }
+
+    #[test]
+    fn acks_set_the_position_and_what_to_report() {
+        // First subscribe: the ack's position, nothing to report.
+        let mut s = sub(None);
+        assert_eq!(s.acked(None, false, Some(at(41, "e1")), None), None);
+        assert_eq!(s.position, Some(at(41, "e1")));
+        // Deliveries that went past the ack's position keep theirs.
+        let mut s = sub(None);
+        assert!(s.advance(43, "e1"));
+        assert_eq!(s.acked(None, false, Some(at(41, "e1")), None), None);
+        assert_eq!(s.position, Some(at(43, "e1")));
+
+        // Recovered: the missed messages follow, the position moves on with them.
+        let mut s = sub(Some(at(38, "e1")));
+        assert_eq!(
+            s.acked(Some(&at(38, "e1")), true, Some(at(41, "e1")), Some(true)),
+            Some(true)
+        );
+        assert_eq!(s.position, Some(at(38, "e1")));
+        assert_eq!(s.shared.history().recovered, Some(true));
+        assert!(s.advance(39, "e1"));
+
+        // Not recovered: delivery goes on after the channel's position.
+        let mut s = sub(Some(at(38, "e1")));
+        assert_eq!(
+            s.acked(Some(&at(38, "e1")), true, Some(at(2, "e2")), Some(false)),
+            Some(false)
+        );
+        assert_eq!(s.position, Some(at(2, "e2")));
+        assert_eq!(s.shared.history().position, Some(at(2, "e2")));
+        assert_eq!(s.shared.history().recovered, Some(false));
+        assert!(s.acked, "later subscribes are resubscribes");
+
+        // A channel without history recovers nothing on a resubscribe.
+        let mut s = sub(None);
+        assert_eq!(s.acked(None, true, None, None), Some(false));
+        assert_eq!(s.position, None);
+    }
+
     #[test]
     fn refusal_bodies_are_read_leniently() {
         assert_eq!(
@@ -1022,10 +1262,30 @@ mod tests {
         assert_eq!(
             encode(&Request::Subscribe {
                 id: 1,
-                channel: "room:1"
+                channel: "room:1",
+                since: None
             }),
             r#"{"type":"subscribe","id":1,"channel":"room:1"}"#
         );
+        let since = Position {
+            offset: 41,
+            epoch: "9f86d081884c7d65".into(),
+        };
+        let text = encode(&Request::Subscribe {
+            id: 2,
+            channel: "chat:1",
+            since: Some(&since),
+        });
+        assert_eq!(
+            text,
+            r#"{"type":"subscribe","id":2,"channel":"chat:1","since":{"offset":41,"epoch":"9f86d081884c7d65"}}"#
+        );
+        match pushgate_protocol::ClientFrame::decode(&text).unwrap() {
+            pushgate_protocol::ClientFrame::Subscribe { since: Some(s), .. } => {
+                assert_eq!((s.offset, s.epoch.as_ref()), (41, "9f86d081884c7d65"))
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(
             encode(&Request::Ping { id: 4 }),
             r#"{"type":"ping","id":4}"#

@@ -44,9 +44,58 @@
 //! token while that one is still good.
 //!
 //! After every reconnect the client subscribes again to every channel it holds; a
-//! [`Subscription`] keeps streaming across reconnects. Delivery is at most once: messages
-//! published while the client was away are not replayed, and a subscription whose queue is full
-//! drops new deliveries (counted in [`Subscription::dropped`], reported as [`Event::Lagged`]).
+//! [`Subscription`] keeps streaming across reconnects. On channels without history delivery is
+//! at most once: messages published while the client was away are not replayed. A subscription
+//! whose queue is full drops new deliveries (counted in [`Subscription::dropped`], reported as
+//! [`Event::Lagged`]); those are not replayed either.
+//!
+//! # History channels
+//!
+//! On a channel the nodes keep history for (`--history`), every delivery carries its position
+//! (`offset`, `epoch`). The client remembers, per subscription, the last position it has seen
+//! (or the position in the node's ack while nothing was delivered yet;
+//! [`Subscription::position`]) and subscribes again after a reconnect with `since` set to it.
+//! The node then sends what was missed, in order, before the live messages, and says in its
+//! ack whether it could: the client reports that as [`Event::Recovered`] (and
+//! [`Subscription::recovered`]). `recovered: false` means messages were missed that history no
+//! longer holds (it expired, was deleted, or the client was away for more than the node
+//! recovers): **reload the channel's state** (from your backend, or `GET /api/history`);
+//! delivery goes on after the position in the event.
+//!
+//! | the node says | the client |
+//! |---------------|------------|
+//! | ack of a resubscribe (after a reconnect, or a `history_lost` notice), or of [`subscribe_since`](Client::subscribe_since) | [`Event::Recovered`] with the ack's `recovered` (`false` for a channel without history: nothing was replayed) |
+//! | `unsubscribed`, code `history_lost` | subscribes again at once with `since`; the ack is reported as [`Event::Recovered`]; the [`Subscription`] goes on |
+//! | `unsubscribed`, code `revoked` (a refreshed token no longer grants the channel) | ends the [`Subscription`], reports [`Event::Unsubscribed`] with [`UnsubscribeCode::Revoked`] |
+//!
+//! A delivery on a history channel in the epoch last seen and at or below the last offset seen
+//! is dropped as a duplicate (nodes do not send those; this guards the boundary between recovered
+//! and live messages across reconnects).
+//!
+//! ```no_run
+//! use pushgate_client::{Client, Event, Position, UnsubscribeCode};
+//!
+//! # async fn reload(_: &str, _: Option<Position>) {}
+//! # async fn run(client: Client) -> Result<(), pushgate_client::Error> {
+//! let mut events = client.events();
+//! let mut chat = client.subscribe("chat:1").await?;
+//! loop {
+//!     tokio::select! {
+//!         Some(message) = chat.recv() => println!("{:?} {}", message.position(), message.data),
+//!         Ok(event) = events.recv() => match event {
+//!             Event::Recovered { channel, recovered: false, position } => {
+//!                 reload(&channel, position).await; // messages were lost: reload the state
+//!             }
+//!             Event::Unsubscribed { channel, reason } if reason.code == UnsubscribeCode::Revoked => {
+//!                 println!("{channel}: {reason}");
+//!             }
+//!             _ => {}
+//!         },
+//!         else => break,
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
 //!
 //! # Requests
 //!
@@ -70,6 +119,7 @@ pub mod tls;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -80,7 +130,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 pub use error::{CloseReason, Error};
-pub use pushgate_protocol::server::Delivery;
+pub use pushgate_protocol::server::{Delivery, Position};
 pub use pushgate_protocol::{ErrorCode, close};
 
 use driver::{Command, Driver, RequestKind};
@@ -141,7 +191,8 @@ pub enum Event {
     /// The next attempt starts after `delay`; `attempt` counts failures since the last stable
     /// connection.
     Reconnecting { delay: Duration, attempt: u32 },
-    /// The node acknowledged a subscription (again after every reconnect).
+    /// The node acknowledged a subscription (again after every reconnect, and after a
+    /// `history_lost` notice).
     Subscribed { channel: String },
     /// The node refused a subscription; its [`Subscription`] has ended.
     SubscribeFailed {
@@ -149,9 +200,29 @@ pub enum Event {
         code: ErrorCode,
         message: String,
     },
-    /// The node ended a subscription (e.g. a refreshed token no longer grants it); its
-    /// [`Subscription`] has ended.
-    Unsubscribed { channel: String, reason: String },
+    /// The node ended a subscription: a refreshed token no longer grants it
+    /// ([`UnsubscribeCode::Revoked`]). Its [`Subscription`] has ended. (A `history_lost`
+    /// notice does not end a subscription: the client subscribes again and reports
+    /// [`Event::Recovered`].)
+    Unsubscribed {
+        channel: String,
+        /// The notice's `code` and text.
+        reason: UnsubscribeReason,
+    },
+    /// The node acknowledged a subscription that had something to recover: a resubscribe after
+    /// a reconnect or a `history_lost` notice, or a [`subscribe_since`](Client::subscribe_since).
+    /// `recovered: true`: what was missed follows, in order, before the live messages.
+    /// `recovered: false`: messages were missed and will not come (history no longer holds
+    /// them, or the channel keeps no history): reload the channel's state. Follows
+    /// [`Event::Subscribed`].
+    Recovered {
+        channel: String,
+        recovered: bool,
+        /// Where delivery goes on from (the next delivery is the one after it), on history
+        /// channels: with `recovered: true` the position the client had, with `false` the
+        /// channel's position in the ack.
+        position: Option<Position>,
+    },
     /// A delivery for `channel` found its subscription's queue full and was dropped; `dropped`
     /// is the subscription's total so far. Reported once per run of drops.
     Lagged { channel: String, dropped: u64 },
@@ -159,6 +230,73 @@ pub enum Event {
     ServerError { code: ErrorCode, message: String },
     /// The client stopped for good.
     Closed(CloseReason),
+}
+
+/// Why the node ended a subscription: an `unsubscribed` notice. Displays as its text and code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnsubscribeReason {
+    pub code: UnsubscribeCode,
+    /// The notice's `reason` text.
+    pub message: String,
+}
+
+impl std::fmt::Display for UnsubscribeReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.code.as_str() {
+            Some(code) => write!(f, "{} ({code})", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+/// The `code` of an `unsubscribed` notice that ended a subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UnsubscribeCode {
+    /// `revoked`: a refreshed token no longer grants the channel.
+    Revoked,
+    /// A code this client does not know, or none (`None`) from a node that sends none.
+    Other(Option<String>),
+}
+
+impl UnsubscribeCode {
+    pub(crate) fn from_wire(code: Option<String>) -> Self {
+        match code.as_deref() {
+            Some(pushgate_protocol::server::UNSUBSCRIBED_REVOKED) => Self::Revoked,
+            _ => Self::Other(code),
+        }
+    }
+
+    /// The code as sent on the wire.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Self::Revoked => Some(pushgate_protocol::server::UNSUBSCRIBED_REVOKED),
+            Self::Other(code) => code.as_deref(),
+        }
+    }
+}
+
+/// What a [`Subscription`] shares with the connection task.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    /// Deliveries dropped because the subscription's queue was full.
+    pub(crate) dropped: AtomicU64,
+    pub(crate) history: Mutex<HistoryState>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub(crate) struct HistoryState {
+    /// The position the client would subscribe again from.
+    pub(crate) position: Option<Position>,
+    /// The `recovered` of the last subscribe that had something to recover.
+    pub(crate) recovered: Option<bool>,
+}
+
+impl Shared {
+    pub(crate) fn history(&self) -> std::sync::MutexGuard<'_, HistoryState> {
+        // Nothing panics while holding it; a poisoned lock still holds consistent data.
+        self.history.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Settings shared by the handles and the connection task.
@@ -447,20 +585,43 @@ impl Client {
     }
 
     /// Subscribes to `channel`. The channel is held at once (and subscribed again after every
-    /// reconnect); this resolves when a node acknowledges it, waiting through reconnects, or
-    /// fails if the node refuses it (`forbidden`, `bad_request`) or the client stops.
+    /// reconnect, from the last position seen on a history channel); this resolves when a node
+    /// acknowledges it, waiting through reconnects, or fails if the node refuses it
+    /// (`forbidden`, `bad_request`) or the client stops.
     pub async fn subscribe(&self, channel: &str) -> Result<Subscription, Error> {
+        self.subscribe_inner(channel, None).await
+    }
+
+    /// Subscribes to the history channel `channel` from a position the application kept (e.g.
+    /// the [`position`](Delivery::position) of the last delivery it stored): the node sends
+    /// what came after it, if history still holds it. Whether it did is in
+    /// [`Subscription::recovered`] when this returns, and in an [`Event::Recovered`]. Otherwise
+    /// as [`subscribe`](Self::subscribe).
+    pub async fn subscribe_since(
+        &self,
+        channel: &str,
+        since: Position,
+    ) -> Result<Subscription, Error> {
+        self.subscribe_inner(channel, Some(since)).await
+    }
+
+    async fn subscribe_inner(
+        &self,
+        channel: &str,
+        since: Option<Position>,
+    ) -> Result<Subscription, Error> {
         pushgate_protocol::validate_channel(channel)
             .map_err(|e| Error::InvalidChannel(e.to_string()))?;
         let (tx, rx) = mpsc::channel(self.inner.config.subscription_queue);
         let (done, reply) = oneshot::channel();
         let key = NEXT_SUBSCRIPTION.fetch_add(1, Ordering::Relaxed);
-        let dropped = Arc::new(AtomicU64::new(0));
+        let shared = Arc::new(Shared::default());
         self.send(Command::Subscribe {
             channel: channel.to_owned(),
             key,
             tx,
-            dropped: dropped.clone(),
+            shared: shared.clone(),
+            since,
             done,
         })
         .await?;
@@ -469,7 +630,7 @@ impl Client {
             key,
             rx,
             commands: self.inner.commands.downgrade(),
-            dropped,
+            shared,
             active: true,
         };
         match reply.await {
@@ -553,7 +714,7 @@ pub struct Subscription {
     key: u64,
     rx: mpsc::Receiver<Delivery>,
     commands: mpsc::WeakSender<Command>,
-    dropped: Arc<AtomicU64>,
+    shared: Arc<Shared>,
     active: bool,
 }
 
@@ -569,7 +730,23 @@ impl Subscription {
 
     /// Deliveries dropped because this subscription's queue was full.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// On a history channel, the position the client would subscribe again from: that of the
+    /// last delivery it took in for this subscription (which may still be in the queue, not yet
+    /// received), or the channel's position in the node's ack when nothing was delivered since.
+    /// `None` on channels without history (and before the first ack).
+    pub fn position(&self) -> Option<Position> {
+        self.shared.history().position.clone()
+    }
+
+    /// Whether the last resubscribe (after a reconnect or a `history_lost` notice), or the
+    /// [`subscribe_since`](Client::subscribe_since) that made this subscription, got back what
+    /// was missed: `Some(false)` means messages were lost (reload the channel's state). `None`
+    /// until there was something to recover. [`Event::Recovered`] reports each one.
+    pub fn recovered(&self) -> Option<bool> {
+        self.shared.history().recovered
     }
 
     /// Unsubscribes and waits for the node's reply (if connected).
@@ -621,6 +798,7 @@ impl std::fmt::Debug for Subscription {
         f.debug_struct("Subscription")
             .field("channel", &self.channel)
             .field("dropped", &self.dropped())
+            .field("position", &self.position())
             .finish_non_exhaustive()
     }
 }
