@@ -1076,3 +1076,445 @@ impl SseClient {
         }
     }
 }
+
+impl NodeProcess {
+    /// Whether the process is still running (it has not exited or been killed).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deploy tooling: the repository's files, external tools, scratch directories, certificates
+// and nginx rendered from deploy/nginx/pushgate.conf.template.
+// ---------------------------------------------------------------------------------------------
+
+/// The repository's root directory.
+pub fn repo_root() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The path of `name` on PATH or in /usr/sbin, or `None` (with a note) when it is missing. Under
+/// CI (`CI` set) a missing `required_in_ci` tool fails the test instead, since the test command
+/// installs it.
+pub fn tool(name: &str, required_in_ci: bool) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        assert!(
+            !(required_in_ci && std::env::var_os("CI").is_some()),
+            "{name} is missing (scripts/test.sh installs it)"
+        );
+        eprintln!("{name} not found: skipping this check");
+    }
+    found
+}
+
+/// A directory of our own under the system's temporary directory, removed on drop.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(what: &str) -> Self {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "pushgate-test-{what}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating a scratch directory");
+        Self(dir)
+    }
+
+    /// `rel` inside the directory, as a string (the directory itself for `""`).
+    pub fn path(&self, rel: &str) -> String {
+        self.0.join(rel).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs `cmd` and fails the test unless it succeeds.
+pub fn run(cmd: &mut Command) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A test CA and a server certificate for localhost/127.0.0.1 from deploy/tls/make-certs.sh, in
+/// `dir` (`ca.crt`, `server.crt`, `server.key`). Returns the script's output.
+pub fn make_certs(dir: &str) -> String {
+    let out = run(Command::new("sh")
+        .arg(repo_root().join("deploy/tls/make-certs.sh"))
+        .arg(dir));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// deploy/nginx/render.sh with exactly `vars` (and PATH) in its environment: the rendered
+/// configuration.
+pub fn render_nginx(vars: &[(&str, String)]) -> String {
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo_root().join("deploy/nginx/render.sh"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("running bash");
+    assert!(
+        out.status.success(),
+        "render.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8")
+}
+
+/// The variables that render the nginx configuration for a non-root instance in `scratch`:
+/// upstreams `upstreams` (host:port, comma- or space-separated), HTTPS on 127.0.0.1:`https`,
+/// HTTP on 127.0.0.1:`http`, certificates in `scratch/certs`, one worker.
+pub fn test_nginx_vars(
+    scratch: &Scratch,
+    upstreams: &str,
+    https: u16,
+    http: u16,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("NGINX_UPSTREAMS", upstreams.to_owned()),
+        ("NGINX_HTTPS_LISTEN", format!("127.0.0.1:{https}")),
+        ("NGINX_HTTP_LISTEN", format!("127.0.0.1:{http}")),
+        ("NGINX_TLS_CERT", scratch.path("certs/server.crt")),
+        ("NGINX_TLS_KEY", scratch.path("certs/server.key")),
+        ("NGINX_PID", scratch.path("nginx.pid")),
+        ("NGINX_TEMP_DIR", scratch.path("")),
+        ("NGINX_ERROR_LOG", scratch.path("error.log")),
+        ("NGINX_ACCESS_LOG", scratch.path("access.log")),
+        ("NGINX_WORKER_PROCESSES", "1".into()),
+        ("NGINX_WORKER_CONNECTIONS", "512".into()),
+        ("NGINX_WORKER_RLIMIT_NOFILE", "1024".into()),
+        ("NGINX_WORKER_SHUTDOWN_TIMEOUT", "5s".into()),
+    ]
+}
+
+/// An nginx run by a test (`daemon off`, a child of the test), from the repository's template,
+/// in its own scratch directory, on free ports of 127.0.0.1, with a test CA and certificate.
+/// Stopped on drop.
+pub struct Nginx {
+    child: Option<Child>,
+    bin: PathBuf,
+    pub scratch: Scratch,
+    pub https: u16,
+    pub http: u16,
+}
+
+impl Nginx {
+    /// Makes certificates, renders the template for `upstreams` with the test settings of
+    /// [`test_nginx_vars`] changed by `overrides` (e.g. `("NGINX_WORKER_SHUTDOWN_TIMEOUT",
+    /// "2s")`), and starts nginx, on new free ports until it listens (5 tries).
+    pub fn start(
+        bin: &std::path::Path,
+        upstreams: &str,
+        overrides: &[(&'static str, String)],
+    ) -> Self {
+        let scratch = Scratch::new("nginx");
+        make_certs(&scratch.path("certs"));
+        let mut nginx = Self {
+            child: None,
+            bin: bin.to_owned(),
+            scratch,
+            https: 0,
+            http: 0,
+        };
+        for _ in 0..5 {
+            (nginx.https, nginx.http) = (free_port(), free_port());
+            let mut vars = test_nginx_vars(&nginx.scratch, upstreams, nginx.https, nginx.http);
+            for (name, value) in overrides {
+                match vars.iter_mut().find(|(n, _)| n == name) {
+                    Some(var) => var.1 = value.clone(),
+                    None => vars.push((name, value.clone())),
+                }
+            }
+            std::fs::write(nginx.conf(), render_nginx(&vars)).expect("writing nginx.conf");
+            if nginx.launch() {
+                return nginx;
+            }
+        }
+        panic!("nginx found no free ports in 5 tries");
+    }
+
+    /// Starts nginx with the rendered configuration; false if it exited (a port was taken).
+    fn launch(&mut self) -> bool {
+        let child = Command::new(&self.bin)
+            .args(self.prefix_args())
+            .args(["-g", "daemon off;"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning nginx");
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if !self.is_running() {
+                self.child = None;
+                return false;
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.https)).is_ok()
+                && std::fs::metadata(self.scratch.path("nginx.pid")).is_ok_and(|m| m.len() > 0)
+            {
+                return true;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nginx did not listen in {WAIT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `-c`, `-p` and `-e` of this instance.
+    fn prefix_args(&self) -> Vec<String> {
+        vec![
+            "-c".into(),
+            self.conf(),
+            "-p".into(),
+            self.scratch.path(""),
+            "-e".into(),
+            self.scratch.path("error.log"),
+        ]
+    }
+
+    /// The rendered configuration file.
+    pub fn conf(&self) -> String {
+        self.scratch.path("nginx.conf")
+    }
+
+    /// The test CA's certificate (PEM), which clients trust.
+    pub fn ca_file(&self) -> String {
+        self.scratch.path("certs/ca.crt")
+    }
+
+    /// `https://localhost:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.https)
+    }
+
+    /// `wss://localhost:PORT/ws`.
+    pub fn wss_url(&self) -> String {
+        format!("wss://localhost:{}/ws", self.https)
+    }
+
+    /// The master process's ID.
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map(Child::id)
+            .expect("nginx is running")
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// `nginx -s reload` for this instance: new workers with the configuration file as it is
+    /// now; the old ones finish gracefully (until `worker_shutdown_timeout`).
+    pub fn reload(&self) {
+        run(Command::new(&self.bin)
+            .args(self.prefix_args())
+            .args(["-s", "reload"]));
+    }
+
+    /// The PIDs of the worker processes (children of the master), old and new.
+    pub fn workers(&self) -> Vec<u32> {
+        let master = self.pid();
+        std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+
+    /// Stops nginx: SIGTERM to the master, nginx's fast shutdown, which closes every connection
+    /// at once; waits until it is gone.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Starts the stopped nginx again with the same configuration and ports.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "nginx is running");
+        let deadline = Instant::now() + WAIT;
+        // The ports were ours a moment ago; another test may have taken one meanwhile.
+        while !self.launch() {
+            assert!(
+                Instant::now() < deadline,
+                "nginx could not listen on its ports again"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A TCP proxy that can go silent
+// ---------------------------------------------------------------------------------------------
+
+/// A TCP proxy in front of `upstream` (e.g. between a node and Redis) that can stop
+/// forwarding what the upstream sends without closing anything: the failure of a stateful
+/// firewall, NAT or network path that drops a connection's packets while both ends think it is
+/// open.
+pub struct TcpProxy {
+    pub addr: SocketAddr,
+    state: std::sync::Arc<ProxyState>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    /// Per open connection: whether upstream bytes are dropped.
+    silent: std::sync::Mutex<Vec<std::sync::Weak<std::sync::atomic::AtomicBool>>>,
+    tasks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
+    opened: AtomicU64,
+}
+
+impl TcpProxy {
+    /// Listens on a free port of 127.0.0.1 and forwards every connection to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let state = std::sync::Arc::new(ProxyState::default());
+        let accept = {
+            let state = state.clone();
+            tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let Ok(server) = TcpStream::connect(upstream).await else {
+                        continue;
+                    };
+                    state.opened.fetch_add(1, Ordering::Relaxed);
+                    let silent = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    state
+                        .silent
+                        .lock()
+                        .unwrap()
+                        .push(std::sync::Arc::downgrade(&silent));
+                    let task = tokio::spawn(Self::forward(client, server, silent));
+                    state.tasks.lock().unwrap().push(task.abort_handle());
+                }
+            })
+        };
+        state.tasks.lock().unwrap().push(accept.abort_handle());
+        Self { addr, state }
+    }
+
+    async fn forward(
+        client: TcpStream,
+        server: TcpStream,
+        silent: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client_read, mut client_write) = client.into_split();
+        let (mut server_read, mut server_write) = server.into_split();
+        let up = async {
+            let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+        };
+        let down = async {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = match server_read.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if silent.load(Ordering::Acquire) {
+                    continue;
+                }
+                if client_write.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        };
+        // Either side closing ends the connection (both halves drop).
+        tokio::select! {
+            _ = up => {}
+            _ = down => {}
+        }
+    }
+
+    /// Connections that were silenced and are still open (neither end has closed them).
+    pub fn silent_connections(&self) -> usize {
+        let silent = self.state.silent.lock().unwrap();
+        silent
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .filter(|s| s.load(Ordering::Acquire))
+            .count()
+    }
+
+    /// Connections opened through the proxy so far.
+    pub fn opened(&self) -> u64 {
+        self.state.opened.load(Ordering::Relaxed)
+    }
+
+    /// From now on every connection open now drops what the upstream sends: nothing is closed,
+    /// writes towards the upstream still go through, the client just hears nothing more. New
+    /// connections are forwarded normally. Returns how many connections went silent.
+    pub fn silence_open_connections(&self) -> usize {
+        let mut silent = self.state.silent.lock().unwrap();
+        silent.retain(|s| s.strong_count() > 0);
+        for s in silent.iter().filter_map(std::sync::Weak::upgrade) {
+            s.store(true, Ordering::Release);
+        }
+        silent.len()
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        for task in self.state.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}

@@ -5,20 +5,25 @@
 //! `docker-compose.yml`, every manifest in `deploy/k8s/`, the systemd unit, the example
 //! environment files and the `Dockerfile`; and it checks that the nginx configuration lists the
 //! compose nodes, renders from its template, passes `nginx -t`, and proxies `wss://` to a real
-//! node with certificates from `deploy/tls/make-certs.sh`.
+//! node with certificates from `deploy/tls/make-certs.sh`; and that the nodes trust nginx, and
+//! only nginx, for client addresses (`PUSHGATE_TRUSTED_PROXIES`), through real nginx too.
+//!
+//! The helpers to run nginx and make certificates live in the test kit (`tests/src/lib.rs`),
+//! shared with the failure tests (`failover.rs`).
 //!
 //! Tools that may be missing on a developer machine (nginx, openssl, curl, kubectl) skip their
 //! test with a note; under CI (`CI` set) a missing nginx, openssl or curl fails it instead,
 //! since the test command installs them.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::PathBuf;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use pushgate_tests::{NodeProcess, WAIT, free_port, token};
+use pushgate_tests::{
+    Nginx, NodeProcess, Scratch, WAIT, free_port, make_certs, render_nginx, repo_root, run,
+    test_nginx_vars, token, tool,
+};
 use serde_yaml_ng::Value;
 
 // ---------------------------------------------------------------------------------------------
@@ -26,10 +31,7 @@ use serde_yaml_ng::Value;
 // ---------------------------------------------------------------------------------------------
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
+    repo_root()
 }
 
 fn read(rel: &str) -> String {
@@ -325,116 +327,14 @@ fn upstream_servers(conf: &str) -> Vec<String> {
 }
 
 fn render(vars: &[(&str, String)]) -> String {
-    let mut cmd = Command::new("bash");
-    cmd.arg(root().join("deploy/nginx/render.sh"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
-    for (k, v) in vars {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("running bash");
-    assert!(
-        out.status.success(),
-        "render.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("UTF-8")
+    render_nginx(vars)
 }
 
 // ---------------------------------------------------------------------------------------------
 // Tools and scratch directories
 // ---------------------------------------------------------------------------------------------
 
-/// The path of `name` on PATH or in /usr/sbin, or `None` (with a note) when it is missing. Under
-/// CI a missing `required` tool fails the test.
-fn tool(name: &str, required_in_ci: bool) -> Option<PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file());
-    if found.is_none() {
-        assert!(
-            !(required_in_ci && std::env::var_os("CI").is_some()),
-            "{name} is missing (scripts/test.sh installs it)"
-        );
-        eprintln!("{name} not found: skipping this check");
-    }
-    found
-}
-
-/// A directory of our own under the system's temporary directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(what: &str) -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "pushgate-deploy-{what}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("creating a scratch directory");
-        Self(dir)
-    }
-
-    fn path(&self, rel: &str) -> String {
-        self.0.join(rel).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Certificates from deploy/tls/make-certs.sh in `dir`.
-fn make_certs(dir: &str) -> String {
-    let out = run(Command::new("sh")
-        .arg(root().join("deploy/tls/make-certs.sh"))
-        .arg(dir));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The variables that render the nginx configuration for a non-root instance in `scratch`.
-fn test_nginx_vars(
-    scratch: &Scratch,
-    upstreams: &str,
-    https: u16,
-    http: u16,
-) -> Vec<(&'static str, String)> {
-    vec![
-        ("NGINX_UPSTREAMS", upstreams.to_owned()),
-        ("NGINX_HTTPS_LISTEN", format!("127.0.0.1:{https}")),
-        ("NGINX_HTTP_LISTEN", format!("127.0.0.1:{http}")),
-        ("NGINX_TLS_CERT", scratch.path("certs/server.crt")),
-        ("NGINX_TLS_KEY", scratch.path("certs/server.key")),
-        ("NGINX_PID", scratch.path("nginx.pid")),
-        ("NGINX_TEMP_DIR", scratch.path("")),
-        ("NGINX_ERROR_LOG", scratch.path("error.log")),
-        ("NGINX_ACCESS_LOG", scratch.path("access.log")),
-        ("NGINX_WORKER_PROCESSES", "1".into()),
-        ("NGINX_WORKER_CONNECTIONS", "512".into()),
-        ("NGINX_WORKER_RLIMIT_NOFILE", "1024".into()),
-        ("NGINX_WORKER_SHUTDOWN_TIMEOUT", "5s".into()),
-    ]
-}
+// tool, Scratch, run, make_certs and test_nginx_vars live in the test kit.
 
 // ---------------------------------------------------------------------------------------------
 // The configuration source
@@ -940,73 +840,6 @@ fn nginx_config_test_passes() {
     assert!(said.contains("test is successful"), "{said}");
 }
 
-/// nginx run by a test: stopped (SIGTERM to the master, which stops its workers) on drop.
-struct Nginx {
-    child: Child,
-}
-
-impl Nginx {
-    fn stop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_some() {
-            return;
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if self.child.try_wait().ok().flatten().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// Starts nginx on `https` with the rendered configuration; `None` if it exited (port taken).
-fn start_nginx(
-    nginx: &Path,
-    scratch: &Scratch,
-    vars: &[(&str, String)],
-    https: u16,
-) -> Option<Nginx> {
-    let conf = scratch.path("nginx.conf");
-    std::fs::write(&conf, render(vars)).unwrap();
-    let child = Command::new(nginx)
-        .args(["-c", &conf, "-p", &scratch.path(""), "-e"])
-        .arg(scratch.path("error.log"))
-        .args(["-g", "daemon off;"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawning nginx");
-    let mut nginx = Nginx { child };
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if nginx.child.try_wait().ok().flatten().is_some() {
-            return None;
-        }
-        if TcpStream::connect(("127.0.0.1", https)).is_ok()
-            && std::fs::metadata(scratch.path("nginx.pid")).is_ok_and(|m| m.len() > 0)
-        {
-            return Some(nginx);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nginx did not listen in {WAIT:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn curl(args: &[&str]) -> Output {
     Command::new("curl")
         .args(["-sS", "--max-time", "5"])
@@ -1025,23 +858,13 @@ async fn nginx_terminates_tls_and_proxies_websockets_to_a_node() {
         return;
     };
     let node = NodeProcess::spawn("n1", None, &[]).await;
-    let scratch = Scratch::new("nginx-live");
-    make_certs(&scratch.path("certs"));
-    let ca = scratch.path("certs/ca.crt");
-
     // The first upstream is an address nobody listens on (every node of every test binds
     // 127.0.0.1): nginx must move on to the live node.
-    let mut started = None;
-    for _ in 0..5 {
-        let (https, http) = (free_port(), free_port());
-        let upstreams = format!("127.0.0.2:{},{}", free_port(), node.addr);
-        let vars = test_nginx_vars(&scratch, &upstreams, https, http);
-        if let Some(running) = start_nginx(&nginx, &scratch, &vars, https) {
-            started = Some((running, https, http));
-            break;
-        }
-    }
-    let (mut running, https, http) = started.expect("nginx found free ports in 5 tries");
+    let upstreams = format!("127.0.0.2:{},{}", free_port(), node.addr);
+    let mut running = Nginx::start(&nginx, &upstreams, &[]);
+    let (https, http) = (running.https, running.http);
+    let scratch = &running.scratch;
+    let ca = running.ca_file();
     let base = format!("https://localhost:{https}");
 
     // TLS with the test CA (the certificate names localhost), /healthz passed to the node.
@@ -1720,4 +1543,176 @@ fn operations_doc_names_real_metrics() {
             "docs/operations.md does not cover {alert}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client addresses behind the proxy
+// ---------------------------------------------------------------------------------------------
+
+/// An IPv4 address or CIDR as `(network, prefix length)`.
+fn ipv4_cidr(text: &str) -> (u32, u32) {
+    let (addr, prefix) = text.trim().split_once('/').unwrap_or((text.trim(), "32"));
+    let addr: std::net::Ipv4Addr = addr
+        .parse()
+        .unwrap_or_else(|_| panic!("{text:?} is not an IPv4 address or CIDR"));
+    let prefix: u32 = prefix.parse().expect("prefix length");
+    assert!(prefix <= 32, "{text:?}");
+    (u32::from(addr), prefix)
+}
+
+fn cidr_contains(cidr: (u32, u32), ip: u32) -> bool {
+    let mask = u32::MAX.checked_shl(32 - cidr.1).unwrap_or(0);
+    cidr.0 & mask == ip & mask
+}
+
+/// The entries of a `PUSHGATE_TRUSTED_PROXIES` value, each a valid IPv4 address or CIDR.
+fn trusted_proxies(file: &str, value: &str) -> Vec<(u32, u32)> {
+    let entries: Vec<(u32, u32)> = value
+        .split(',')
+        .filter(|e| !e.trim().is_empty())
+        .map(ipv4_cidr)
+        .collect();
+    assert!(
+        !entries.is_empty(),
+        "{file}: PUSHGATE_TRUSTED_PROXIES is empty"
+    );
+    entries
+}
+
+#[test]
+fn compose_gateways_trust_nginx_and_only_nginx() {
+    let compose = Compose::load();
+    let nginx = &compose.service("nginx")["networks"]["default"]["ipv4_address"];
+    let nginx_ip = ipv4_cidr(&s(nginx)).0;
+    let docs = yaml_docs("docker-compose.yml");
+    let subnets: Vec<(u32, u32)> = docs[0]["networks"]["default"]["ipam"]["config"]
+        .as_sequence()
+        .expect("docker-compose.yml fixes the default network's subnet")
+        .iter()
+        .map(|c| ipv4_cidr(&s(&c["subnet"])))
+        .collect();
+    assert!(
+        subnets.iter().any(|net| cidr_contains(*net, nginx_ip)),
+        "nginx's address is in the network's subnet"
+    );
+    for (name, svc) in compose.gateways() {
+        let env = compose_env(&svc["environment"]);
+        let value = env
+            .get("PUSHGATE_TRUSTED_PROXIES")
+            .unwrap_or_else(|| panic!("{name} does not trust nginx (PUSHGATE_TRUSTED_PROXIES)"));
+        let trusted = trusted_proxies(&format!("docker-compose.yml ({name})"), value);
+        assert!(
+            trusted.iter().any(|net| cidr_contains(*net, nginx_ip)),
+            "{name} trusts {value}, which is not nginx's address"
+        );
+        // Only nginx: not the network's gateway, through which host connections arrive.
+        for net in &subnets {
+            let gateway = net.0 + 1;
+            assert!(
+                !trusted.iter().any(|t| cidr_contains(*t, gateway)),
+                "{name} trusts the network's gateway (any host process could then set \
+                 X-Forwarded-For)"
+            );
+        }
+    }
+}
+
+#[test]
+fn k8s_and_systemd_name_their_trusted_proxies() {
+    let k8s = Manifests::load();
+    let config = string_map(&k8s.named("ConfigMap", "pushgate-config")["data"]);
+    trusted_proxies(
+        "deploy/k8s/configmap.yaml",
+        config
+            .get("PUSHGATE_TRUSTED_PROXIES")
+            .expect("the ConfigMap sets PUSHGATE_TRUSTED_PROXIES (ingress-nginx's addresses)"),
+    );
+    let example = env_file("deploy/systemd/pushgate.env.example");
+    trusted_proxies(
+        "deploy/systemd/pushgate.env.example",
+        example
+            .get("PUSHGATE_TRUSTED_PROXIES")
+            .expect("the example sets PUSHGATE_TRUSTED_PROXIES (its nginx hosts)"),
+    );
+}
+
+/// A WebSocket handshake through nginx with curl from the local address `from`, with
+/// `X-Forwarded-For: xff` when given; the status line of the reply. curl holds the connection
+/// until `--max-time`.
+fn curl_ws_from(
+    base: &str,
+    ca: &str,
+    from: &str,
+    xff: Option<&str>,
+    hold: &str,
+) -> std::process::Child {
+    let jwt = token("deploy", &["room:*"], &[]);
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "-i", "--http1.1", "--max-time", hold, "--cacert", ca])
+        .args(["--interface", from])
+        .args(["-H", "Connection: Upgrade", "-H", "Upgrade: websocket"])
+        .args(["-H", "Sec-WebSocket-Version: 13"])
+        .args(["-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="]);
+    if let Some(xff) = xff {
+        cmd.args(["-H", &format!("X-Forwarded-For: {xff}")]);
+    }
+    cmd.arg(format!("{base}/ws?token={jwt}"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("running curl")
+}
+
+fn status_line(child: std::process::Child) -> String {
+    let out = child.wait_with_output().expect("curl output");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn nodes_behind_nginx_count_clients_by_their_own_address() {
+    let (Some(nginx), Some(_), Some(_)) = (
+        tool("nginx", true),
+        tool("openssl", true),
+        tool("curl", true),
+    ) else {
+        return;
+    };
+    // One connection per client address; nginx (127.0.0.1) is trusted.
+    let node = NodeProcess::spawn(
+        "n1",
+        None,
+        &[
+            "--trusted-proxies",
+            "127.0.0.1",
+            "--max-connections-per-ip",
+            "1",
+        ],
+    )
+    .await;
+    let running = Nginx::start(&nginx, &node.addr.to_string(), &[]);
+    let (base, ca) = (running.url(""), running.ca_file());
+
+    // A client at 127.0.0.5 that claims to be someone else: nginx appends 127.0.0.5, and that
+    // is what the node counts.
+    let first = curl_ws_from(&base, &ca, "127.0.0.5", Some("203.0.113.9"), "4");
+    pushgate_tests::eventually("the first client is connected", || async {
+        pushgate_tests::metric(&node.base(), "pushgate_connections").await == 1.0
+    })
+    .await;
+    let again = curl_ws_from(&base, &ca, "127.0.0.5", Some("203.0.113.10"), "2");
+    assert!(
+        status_line(again).starts_with("HTTP/1.1 429"),
+        "a second connection from 127.0.0.5 is over its limit, whatever it claims"
+    );
+    let other = curl_ws_from(&base, &ca, "127.0.0.6", None, "1");
+    assert!(
+        status_line(other).starts_with("HTTP/1.1 101"),
+        "another client address has its own limit"
+    );
+    assert!(status_line(first).starts_with("HTTP/1.1 101"));
 }

@@ -123,6 +123,13 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "PUSHGATE_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
+    /// PEM file with the certificate chain to serve HTTPS and wss:// directly (with
+    /// --tls-key). Unset: plain HTTP, for a proxy that terminates TLS.
+    #[arg(long, env = "PUSHGATE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file with the private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "PUSHGATE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Redis URL (redis://host:port/db). Unset: embedded broker, single node.
     #[arg(long, env = "PUSHGATE_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<Secret>,
@@ -147,10 +154,16 @@ pub struct ServeArgs {
     /// Most WebSocket connections this node holds; more get 503.
     #[arg(long, env = "PUSHGATE_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
-    /// Most connections from one client IP (0: no limit). Behind a proxy every client shares
-    /// the proxy's address, so leave this off there.
+    /// Most connections from one client IP (0: no limit). Behind a proxy every client has
+    /// the proxy's address unless --trusted-proxies names the proxy.
     #[arg(long, env = "PUSHGATE_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
     pub max_connections_per_ip: usize,
+    /// Proxies whose `X-Forwarded-For` is believed, comma-separated IPs or CIDRs (e.g.
+    /// `10.0.0.0/8,192.168.1.5`). When a connection comes from one of them, its client IP (for
+    /// per-IP limits and logs) is the right-most address of the header that is not itself a
+    /// trusted proxy; from anyone else the header is ignored. Default: none.
+    #[arg(long, env = "PUSHGATE_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<crate::proxy::Cidr>,
     /// Largest inbound message; larger ones get a `too_large` error, and ones over four times
     /// this close the connection with 1009.
     #[arg(long, env = "PUSHGATE_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
@@ -426,6 +439,26 @@ mod tests {
         ] {
             assert!(ServeArgs::parse_from(["--history", bad]).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn trusted_proxies_and_tls_parse() {
+        let args = ServeArgs::parse_from(["--trusted-proxies", "10.0.0.0/8, 192.168.1.5"]).unwrap();
+        assert_eq!(args.trusted_proxies.len(), 2);
+        assert!(args.trusted_proxies[1].contains("192.168.1.5".parse().unwrap()));
+        assert!(
+            ServeArgs::parse_from::<[&str; 0], _>([])
+                .unwrap()
+                .trusted_proxies
+                .is_empty()
+        );
+        assert!(ServeArgs::parse_from(["--trusted-proxies", "10.0.0.0/40"]).is_err());
+        assert!(ServeArgs::parse_from(["--trusted-proxies", "nginx"]).is_err());
+
+        let tls = ServeArgs::parse_from(["--tls-cert", "a.crt", "--tls-key", "a.key"]).unwrap();
+        assert_eq!(tls.tls_cert, Some(PathBuf::from("a.crt")));
+        assert!(ServeArgs::parse_from(["--tls-cert", "a.crt"]).is_err());
+        assert!(ServeArgs::parse_from(["--tls-key", "a.key"]).is_err());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! HTTP: the WebSocket handshake (`/ws`, `/echo`), the server API (`/api/*`), health and metrics.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use subtle::ConstantTimeEq;
 use tracing::{debug, warn};
 
 use crate::auth::{AuthError, Grant};
-use crate::node::{Node, Outgoing, Refusal, parse_session_id};
+use crate::node::{Admission, Node, Outgoing, Refusal, parse_session_id};
 use crate::session;
 
 /// How long `/echo` waits to deliver its close reply.
@@ -177,6 +177,19 @@ fn configure(node: &Node, ws: WebSocketUpgrade) -> WebSocketUpgrade {
         .write_buffer_size(0)
 }
 
+/// The client's address: the TCP peer, or what a trusted proxy says (see [`crate::proxy`]).
+fn client_ip(node: &Node, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+    crate::proxy::client_ip(&node.config.trusted_proxies, peer.ip(), headers)
+}
+
+/// Takes a connection slot for `client`; a refusal is logged with the client's address.
+fn admit_client(node: &Arc<Node>, client: IpAddr) -> Result<Admission, HttpError> {
+    node.admit(client).map_err(|refusal| {
+        debug!(%client, ?refusal, "connection refused");
+        HttpError::Refused(refusal)
+    })
+}
+
 async fn ws(
     State(node): State<Arc<Node>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -184,9 +197,11 @@ async fn ws(
     Query(query): Query<TokenQuery>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, HttpError> {
+    let client = client_ip(&node, peer, &headers);
     let grant = admit_handshake(&node, &headers, &query)?;
     let upgrade = upgrade.map_err(HttpError::NotWebSocket)?;
-    let admission = node.admit(peer.ip()).map_err(HttpError::Refused)?;
+    let admission = admit_client(&node, client)?;
+    debug!(%client, user = %grant.user, "websocket accepted");
     Ok(configure(&node, upgrade)
         .on_upgrade(move |socket: WebSocket| session::run(node, socket, grant, admission)))
 }
@@ -199,9 +214,10 @@ async fn echo(
     Query(query): Query<TokenQuery>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, HttpError> {
+    let client = client_ip(&node, peer, &headers);
     admit_handshake(&node, &headers, &query)?;
     let upgrade = upgrade.map_err(HttpError::NotWebSocket)?;
-    let admission = node.admit(peer.ip()).map_err(HttpError::Refused)?;
+    let admission = admit_client(&node, client)?;
     Ok(
         configure(&node, upgrade).on_upgrade(move |mut socket: WebSocket| async move {
             while let Some(Ok(msg)) = socket.recv().await {
@@ -429,6 +445,8 @@ async fn sse(
         token: param("token"),
     };
     let grant = admit_handshake(&node, &headers, &query)?;
+    // The SSE transport counts the connection by this address (port kept).
+    let peer = SocketAddr::new(client_ip(&node, peer, &headers), peer.port());
     let last_event_id = param("last_event_id");
     let channels = (pairs.into_iter())
         .filter(|(k, _)| k == "channel")

@@ -4,7 +4,8 @@
 //! and fan-out), [`history`] (history rules, in-memory history), [`broker`] (embedded or Redis),
 //! [`node`] (what a node does with a message), [`session`] (one connection, WebSocket or SSE),
 //! [`sse`] (the SSE transport), [`http`] (handshakes and the server API), [`server`] (binding,
-//! serving, draining), [`metrics`].
+//! serving, draining), [`tls`] (native TLS), [`proxy`] (client addresses behind
+//! trusted proxies), [`metrics`].
 #![forbid(unsafe_code)]
 
 pub mod auth;
@@ -15,9 +16,11 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod node;
+pub mod proxy;
 pub mod server;
 pub mod session;
 pub mod sse;
+pub mod tls;
 
 pub use config::ServeArgs;
 pub use server::Server;

@@ -61,6 +61,13 @@ fn dev_setup(args: &mut ServeArgs) {
     if args.api_key.is_none() {
         args.api_key = Some(Secret::new(random_secret()));
     }
+    // The demo chat at `/` (channels `chat:ROOM`) recovers history and lists who is online.
+    if args.history.is_empty() {
+        args.history = vec!["chat:*=200/10m".parse().expect("a valid history rule")];
+    }
+    if args.presence.is_empty() {
+        args.presence = vec!["chat:*".into()];
+    }
     let port = args.listen.port();
     let base = format!("127.0.0.1:{port}");
     println!("pushgate development mode (do not use in production)");
@@ -86,6 +93,21 @@ fn dev_setup(args: &mut ServeArgs) {
             key.expose()
         );
     }
+    let history: Vec<String> = args
+        .history
+        .iter()
+        .map(|r| {
+            format!(
+                "{}={}/{}",
+                r.pattern,
+                r.size,
+                humantime::format_duration(r.ttl)
+            )
+        })
+        .collect();
+    println!("  history:    {}", history.join(", "));
+    println!("  presence:   {}", args.presence.join(", "));
+    println!("  demo chat:  http://{base}/");
     println!("  metrics:    http://{base}/metrics");
 }
 
@@ -94,6 +116,7 @@ fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
     if args.dev {
         dev_setup(&mut args);
     }
+    pushgate::server::raise_open_file_limit(args.max_connections);
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     runtime.block_on(async {
         let server = Server::bind(args).await?;
@@ -393,14 +416,18 @@ async fn subscribe_async(args: SubscribeArgs) -> anyhow::Result<()> {
 
 /// A delivery as the node sent it: `{"type":"message",…}`.
 fn delivery_line(d: &pushgate_client::Delivery) -> Option<String> {
+    use pushgate_protocol::server::{MessageRef, encode_message, encode_message_at};
     let data = serde_json::value::to_raw_value(&d.data).ok()?;
-    Some(pushgate_protocol::server::encode_message(
-        &pushgate_protocol::server::MessageRef {
-            id: &d.id,
-            ts: d.ts,
-            from: d.from.as_deref(),
-            target: d.target()?,
-            data: &data,
-        },
-    ))
+    let m = MessageRef {
+        id: &d.id,
+        ts: d.ts,
+        from: d.from.as_deref(),
+        target: d.target()?,
+        data: &data,
+    };
+    // History channels' positions stay in the line, as in the node's frame.
+    Some(match (d.offset, &d.epoch) {
+        (Some(offset), Some(epoch)) => encode_message_at(&m, offset, epoch),
+        _ => encode_message(&m),
+    })
 }

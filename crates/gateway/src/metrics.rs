@@ -52,6 +52,8 @@ pub struct Drops {
 pub struct Metrics {
     registry: Registry,
     pub connections: Gauge,
+    /// The configured --max-connections (set when the node starts).
+    pub connections_limit: Gauge,
     pub connections_total: Counter,
     pub messages_in: Inbound,
     /// Frames written into client queues (one per recipient).
@@ -90,6 +92,12 @@ impl Metrics {
             "connections",
             "Open WebSocket connections",
             connections.clone(),
+        );
+        let connections_limit = Gauge::default();
+        registry.register(
+            "connections_limit",
+            "Most connections this node accepts (--max-connections)",
+            connections_limit.clone(),
         );
         let connections_total = Counter::default();
         registry.register(
@@ -210,6 +218,7 @@ impl Metrics {
         Self {
             registry: root,
             connections,
+            connections_limit,
             connections_total,
             messages_in,
             deliveries,
@@ -241,7 +250,8 @@ impl Metrics {
     }
 }
 
-/// `process_resident_memory_bytes` and `process_open_fds`, read from `/proc` on each scrape.
+/// `process_resident_memory_bytes`, `process_open_fds` and `process_max_fds`, read from
+/// `/proc` on each scrape.
 #[derive(Debug)]
 struct ProcessCollector;
 
@@ -255,6 +265,18 @@ impl ProcessCollector {
 
     fn open_fds() -> Option<i64> {
         Some(std::fs::read_dir("/proc/self/fd").ok()?.count() as i64)
+    }
+
+    /// The soft limit on open files (what accepts run into).
+    fn max_fds() -> Option<i64> {
+        let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+        Self::soft_limit(&limits, "Max open files")
+    }
+
+    /// The soft limit of `name` in the text of `/proc/PID/limits` (`None` when unlimited).
+    fn soft_limit(limits: &str, name: &str) -> Option<i64> {
+        let line = limits.lines().find(|l| l.starts_with(name))?;
+        line[name.len()..].split_whitespace().next()?.parse().ok()
     }
 }
 
@@ -270,6 +292,11 @@ impl Collector for ProcessCollector {
                 "process_open_fds",
                 "Open file descriptors",
                 Self::open_fds(),
+            ),
+            (
+                "process_max_fds",
+                "Limit on open file descriptors (the soft limit)",
+                Self::max_fds(),
             ),
         ];
         for (name, help, value) in gauges {
@@ -303,5 +330,30 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("process_resident_memory_bytes"), "{text}");
+        assert!(text.contains("pushgate_connections_limit 0"), "{text}");
+        m.connections_limit.set(50_000);
+        let text = m.render();
+        assert!(text.contains("pushgate_connections_limit 50000"), "{text}");
+        let max_fds = text
+            .lines()
+            .find_map(|l| l.strip_prefix("process_max_fds "))
+            .and_then(|v| v.parse::<i64>().ok());
+        assert!(max_fds.is_some_and(|n| n > 0), "{text}");
+    }
+
+    #[test]
+    fn reads_the_soft_open_file_limit() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max cpu time              unlimited            unlimited            seconds   \n\
+                      Max open files            20000                40000                files     \n";
+        assert_eq!(
+            ProcessCollector::soft_limit(limits, "Max open files"),
+            Some(20000)
+        );
+        assert_eq!(ProcessCollector::soft_limit(limits, "Max cpu time"), None);
+        assert_eq!(
+            ProcessCollector::soft_limit(limits, "Max locked memory"),
+            None
+        );
     }
 }

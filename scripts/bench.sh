@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Runs the scenarios of BENCHMARKS.md back to back, pushgate then the baseline for each, and
+# keeps every run's output in target/bench/ (one .txt per run; the JSON lines start with '{').
+#
+#   scripts/bench.sh [idle] [connect] [fanout] [cross] [small] [history]   (default: all)
+#
+# Run it on a quiet machine: the load generator and the servers share the cores.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cargo build --release --locked -p pushgate -p pushgate-bench
+export PUSHGATE_JWT_SECRET=bench-secret PUSHGATE_API_KEY=bench-key PUSHGATE_LOG=warn
+ulimit -n "$(ulimit -Hn)"
+B=./target/release/pushgate-bench
+G=./target/release/pushgate
+out=target/bench
+mkdir -p "$out"
+scenarios=("$@")
+((${#scenarios[@]})) || scenarios=(idle connect fanout cross small history)
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { for _ in $(seq 1 200); do curl -fsS "$1" >/dev/null 2>&1 && return; sleep 0.05; done; echo "no answer from $1" >&2; exit 1; }
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+node() { # node PORT [flags...]: starts a node, waits for /healthz, records its pid in NODE
+  local port=$1; shift
+  "$G" serve --listen "127.0.0.1:$port" --client-rate 100000 --client-burst 100000 "$@" &
+  NODE=$!; pids+=("$NODE"); wait_http "http://127.0.0.1:$port/healthz"
+}
+run() { local name=$1; shift; echo "== $name: $*"; "$@" 2>&1 | tee "$out/$name.txt"; }
+
+for s in "${scenarios[@]}"; do
+  case $s in
+    idle)
+      p=$(free_port); node "$p"
+      run idle-pushgate $B idle --url "ws://127.0.0.1:$p/ws" --pid "$NODE" -n 15000 -c 64
+      kill "$NODE"; wait "$NODE" 2>/dev/null || true
+      run idle-baseline $B baseline idle -n 15000 -c 64 ;;
+    connect)
+      p=$(free_port); node "$p"
+      run connect-pushgate $B connect --url "ws://127.0.0.1:$p/ws" -c 64 --duration 10s
+      kill "$NODE"; wait "$NODE" 2>/dev/null || true
+      run connect-baseline $B baseline connect -c 64 --duration 10s ;;
+    fanout)
+      p=$(free_port); node "$p"
+      run fanout-pushgate $B fanout --url "ws://127.0.0.1:$p/ws" -s 10000 -p 1 --payload-size 100 \
+        --find-max -r 20 --step-factor 1.5 --refine 3 --duration 5s --p99-bound 100ms
+      kill "$NODE"; wait "$NODE" 2>/dev/null || true
+      run fanout-baseline $B baseline fanout -s 10000 -p 1 --payload-size 100 \
+        --find-max -r 20 --step-factor 1.5 --refine 3 --duration 5s --p99-bound 100ms ;;
+    cross|small|history)
+      rp=$(free_port)
+      redis-server --port "$rp" --save '' --appendonly no >/dev/null & pids+=($!)
+      for _ in $(seq 1 100); do redis-cli -p "$rp" ping >/dev/null 2>&1 && break; sleep 0.05; done
+      flags=(--redis-url "redis://127.0.0.1:$rp/" --history 'hist:*=1000/10m')
+      p1=$(free_port); node "$p1" --instance-id n1 "${flags[@]}"; n1=$NODE
+      p2=$(free_port); node "$p2" --instance-id n2 "${flags[@]}"; n2=$NODE
+      wait_http "http://127.0.0.1:$p1/readyz"; wait_http "http://127.0.0.1:$p2/readyz"
+      urls="ws://127.0.0.1:$p1/ws,ws://127.0.0.1:$p2/ws"
+      case $s in
+        cross)
+          rate=${CROSS_RATE:-50}
+          run cross-ws $B fanout --url "$urls" -s 10000 -p 2 --payload-size 100 -r "$rate" --duration 10s
+          run cross-redis $B fanout --url "$urls" -s 10000 -p 1 --payload-size 100 -r "$rate" --duration 10s \
+            --via redis --redis-url "redis://127.0.0.1:$rp/"
+          run cross-http $B fanout --url "$urls" -s 10000 -p 2 --payload-size 100 -r "$rate" --duration 10s --via http
+          kill "$n1" "$n2"
+          run cross-baseline $B baseline fanout -s 10000 -p 2 --payload-size 100 -r "$rate" --duration 10s ;;
+        small)
+          run small-pushgate $B fanout --url "$urls" -s 20 -p 2 --payload-size 100 -r 1000 --duration 10s
+          kill "$n1" "$n2"
+          run small-baseline $B baseline fanout -s 20 -p 2 --payload-size 100 -r 1000 --duration 10s ;;
+        history)
+          run history-plain $B fanout --url "$urls" -s 20 -p 2 --payload-size 100 -r 1000 --duration 10s --channel plain:bench
+          run history-channel $B fanout --url "$urls" -s 20 -p 2 --payload-size 100 -r 1000 --duration 10s --channel hist:bench
+          used() { redis-cli -p "$rp" info memory | sed -n 's/^used_memory:\([0-9]*\).*/\1/p'; }
+          before=$(used)
+          for i in $(seq 1 1000); do
+            echo "FCALL pushgate_publish 2 pushgate:history:hist:mem pushgate:meta:hist:mem pushgate:ch:hist:mem '{\"data\":\"$(printf 'x%.0s' $(seq 1 88))\"}' 1000 600000"
+          done | redis-cli -p "$rp" >/dev/null
+          after=$(used)
+          echo "redis memory for 1000 retained 100-byte messages: $((after - before)) bytes" | tee "$out/history-memory.txt"
+          kill "$n1" "$n2" ;;
+      esac
+      cleanup; pids=() ;;
+    *) echo "unknown scenario $s" >&2; exit 2 ;;
+  esac
+done
