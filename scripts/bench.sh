@@ -44,10 +44,12 @@ for s in "${scenarios[@]}"; do
     fanout)
       p=$(free_port); node "$p"
       run fanout-pushgate $B fanout --url "ws://127.0.0.1:$p/ws" -s 10000 -p 1 --payload-size 100 \
-        --find-max -r 20 --step-factor 1.5 --refine 3 --duration 5s --p99-bound 100ms
+        --find-max -r 110 --step-factor 1.2 --refine 2 --duration 5s --p99-bound 500ms
       kill "$NODE"; wait "$NODE" 2>/dev/null || true
       run fanout-baseline $B baseline fanout -s 10000 -p 1 --payload-size 100 \
-        --find-max -r 20 --step-factor 1.5 --refine 3 --duration 5s --p99-bound 100ms ;;
+        --find-max -r 110 --step-factor 1.2 --refine 2 --duration 5s --p99-bound 500ms
+      run fanout-baseline-240 $B baseline fanout -s 10000 -p 1 --payload-size 240 \
+        --find-max -r 110 --step-factor 1.2 --refine 2 --duration 5s --p99-bound 500ms ;;
     cross|small|history)
       rp=$(free_port)
       redis-server --port "$rp" --save '' --appendonly no >/dev/null & pids+=($!)

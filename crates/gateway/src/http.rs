@@ -173,8 +173,13 @@ fn configure(node: &Node, ws: WebSocketUpgrade) -> WebSocketUpgrade {
     let transport_limit = node.config.max_message_bytes.saturating_mul(4);
     ws.max_message_size(transport_limit)
         .max_frame_size(transport_limit)
+        // Reads: idle connections dominate and send little; a small chunk keeps each one's
+        // buffer (allocated and zero-filled per connection) at 1 KiB. Larger frames still
+        // arrive whole: the buffer grows to a frame's announced length.
         .read_buffer_size(1024)
-        .write_buffer_size(0)
+        // Writes: frames queued together go out in one send. The buffer grows only on
+        // connections that receive bursts.
+        .write_buffer_size(4 * 1024)
 }
 
 /// The client's address: the TCP peer, or what a trusted proxy says (see [`crate::proxy`]).

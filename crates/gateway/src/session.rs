@@ -371,7 +371,11 @@ where
             if watch_silence {
                 next_check = next_check.min(last_heard + silence_limit + Duration::from_millis(1));
             }
-            timer.as_mut().reset(next_check.max(Instant::now()));
+            // Re-arming a timer costs a trip through the timer wheel: skip it when nothing
+            // moved the deadline, as after every delivery written.
+            if next_check != timer.deadline() {
+                timer.as_mut().reset(next_check.max(Instant::now()));
+            }
         }
     }
 
@@ -420,7 +424,10 @@ where
             budget = budget.saturating_sub(1);
         }
         // A full batch may have left frames behind: come back for them after other events.
-        self.handle.rewake_if_pending();
+        // (A batch cut short found the queue empty; a frame queued since then woke us anew.)
+        if budget == 0 {
+            self.handle.rewake_if_pending();
+        }
         Ok(())
     }
 
