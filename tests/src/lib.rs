@@ -341,52 +341,8 @@ impl NodeProcess {
     /// The node listens on a port the kernel picks and logs it; so parallel tests never race
     /// for a port. Its other log lines (warnings and up) go to the test's stderr.
     pub async fn spawn(id: &str, redis_url: Option<&str>, extra: &[&str]) -> Self {
-        let mut cmd = Command::new(pushgate_bin());
-        cmd.arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--instance-id", id])
-            .args(["--jwt-secret", SECRET, "--api-key", API_KEY])
-            .args(extra)
-            .env("PUSHGATE_LOG", "warn,pushgate::server=info")
-            .env("PUSHGATE_LOG_FORMAT", "json")
-            .stdout(Stdio::piped());
-        if let Some(url) = redis_url {
-            cmd.args(["--redis-url", url]);
-        }
-        let mut child = cmd.spawn().expect("spawning pushgate");
-        let listening = forward_log(id, child.stdout.take().expect("piped stdout"));
-        let deadline = Instant::now() + WAIT;
-        let addr = loop {
-            if let Ok(addr) = listening.try_recv() {
-                break addr;
-            }
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                panic!("node {id} exited at start: {status}");
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("node {id} did not log its address in {WAIT:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        let node = Self {
-            id: id.to_owned(),
-            addr,
-            child: Some(child),
-        };
-        let http = reqwest::Client::new();
-        eventually(&format!("node {id} healthy"), || {
-            let url = node.url("/healthz");
-            let http = http.clone();
-            async move {
-                http.get(url)
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success())
-            }
-        })
-        .await;
-        node
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::spawn_on(id, any_port, redis_url, extra).await
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -857,8 +813,8 @@ impl Client {
 }
 
 impl NodeProcess {
-    /// Starts a node like [`spawn`](Self::spawn), but listening on `addr`: to bring a stopped
-    /// node back on the address its clients know.
+    /// Starts a node like [`spawn`](Self::spawn), but listening on `addr` (port 0: any): to
+    /// bring a stopped node back on the address its clients know.
     pub async fn spawn_on(
         id: &str,
         addr: SocketAddr,

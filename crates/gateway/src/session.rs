@@ -691,24 +691,28 @@ where
 
     /// Subscribes, answers, and on a history channel sends what `resume` asks to recover.
     /// Returns whether the connection is subscribed.
+    /// Why this connection may not read `channel` (subscribe, presence), if it may not.
+    fn may_read(&self, channel: &str) -> Option<(ErrorCode, String)> {
+        if let Err(e) = validate_channel(channel) {
+            return Some((ErrorCode::BadRequest, format!("channel {e}")));
+        }
+        if !self.grant.subscribe.allows(channel) {
+            return Some((
+                ErrorCode::Forbidden,
+                "token does not grant this channel".into(),
+            ));
+        }
+        None
+    }
+
     async fn subscribe(
         &mut self,
         id: u64,
         channel: &str,
         resume: Resume<'_>,
     ) -> Result<bool, Stop> {
-        if let Err(e) = validate_channel(channel) {
-            self.error(Some(id), ErrorCode::BadRequest, &format!("channel {e}"))
-                .await?;
-            return Ok(false);
-        }
-        if !self.grant.subscribe.allows(channel) {
-            self.error(
-                Some(id),
-                ErrorCode::Forbidden,
-                "token does not grant this channel",
-            )
-            .await?;
+        if let Some((code, message)) = self.may_read(channel) {
+            self.error(Some(id), code, &message).await?;
             return Ok(false);
         }
         if let Some(sub) = self.channels.iter().find(|c| &*c.name == channel) {
@@ -830,19 +834,8 @@ where
     }
 
     async fn presence(&mut self, id: u64, channel: &str) -> Result<(), Stop> {
-        if let Err(e) = validate_channel(channel) {
-            return self
-                .error(Some(id), ErrorCode::BadRequest, &format!("channel {e}"))
-                .await;
-        }
-        if !self.grant.subscribe.allows(channel) {
-            return self
-                .error(
-                    Some(id),
-                    ErrorCode::Forbidden,
-                    "token does not grant this channel",
-                )
-                .await;
+        if let Some((code, message)) = self.may_read(channel) {
+            return self.error(Some(id), code, &message).await;
         }
         if !self.node.policy.presence(channel) {
             return self
