@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use pushgate_protocol::server::{Delivery, Position, ServerFrame};
 use pushgate_tests::{
-    Client, Cluster, NodeProcess, SseClient, WAIT, api, api_get, eventually, metric, token,
+    Client, Cluster, Nginx, NodeProcess, SseClient, WAIT, api, api_get, eventually, metric, token,
+    tool,
 };
 use serde_json::{Value, json};
 
@@ -644,48 +645,6 @@ async fn sse_delivers_across_nodes_and_resumes_with_last_event_id() {
 // SSE through the nginx configuration in deploy/
 // ---------------------------------------------------------------------------------------------
 
-fn repo_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
-/// `name` on PATH or in /usr/sbin; `None` (with a note) when missing, unless under CI.
-fn tool(name: &str) -> Option<std::path::PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = std::env::split_paths(&path)
-        .chain([std::path::PathBuf::from("/usr/sbin")])
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file());
-    if found.is_none() {
-        assert!(std::env::var_os("CI").is_none(), "{name} is missing");
-        eprintln!("{name} not found: skipping the nginx check");
-    }
-    found
-}
-
-struct Scratch(std::path::PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("pushgate-sse-nginx-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn path(&self, rel: &str) -> String {
-        self.0.join(rel).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 struct Child(std::process::Child);
 
 impl Drop for Child {
@@ -693,80 +652,6 @@ impl Drop for Child {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// nginx with the rendered deploy/ configuration in front of `upstreams`; returns it and its
-/// HTTPS port.
-fn start_nginx(nginx: &std::path::Path, scratch: &Scratch, upstreams: &str) -> (Child, u16) {
-    use std::process::{Command, Stdio};
-    let out = Command::new("sh")
-        .arg(repo_root().join("deploy/tls/make-certs.sh"))
-        .arg(scratch.path("certs"))
-        .output()
-        .expect("make-certs.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for _ in 0..5 {
-        let (https, http) = (pushgate_tests::free_port(), pushgate_tests::free_port());
-        let vars = [
-            ("NGINX_UPSTREAMS", upstreams.to_owned()),
-            ("NGINX_HTTPS_LISTEN", format!("127.0.0.1:{https}")),
-            ("NGINX_HTTP_LISTEN", format!("127.0.0.1:{http}")),
-            ("NGINX_TLS_CERT", scratch.path("certs/server.crt")),
-            ("NGINX_TLS_KEY", scratch.path("certs/server.key")),
-            ("NGINX_PID", scratch.path("nginx.pid")),
-            ("NGINX_TEMP_DIR", scratch.path("")),
-            ("NGINX_ERROR_LOG", scratch.path("error.log")),
-            ("NGINX_ACCESS_LOG", scratch.path("access.log")),
-            ("NGINX_WORKER_PROCESSES", "1".into()),
-            ("NGINX_WORKER_CONNECTIONS", "512".into()),
-            ("NGINX_WORKER_RLIMIT_NOFILE", "1024".into()),
-            ("NGINX_WORKER_SHUTDOWN_TIMEOUT", "5s".into()),
-        ];
-        let mut render = Command::new("bash");
-        render
-            .arg(repo_root().join("deploy/nginx/render.sh"))
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default());
-        for (k, v) in &vars {
-            render.env(k, v);
-        }
-        let out = render.output().expect("render.sh");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let conf = scratch.path("nginx.conf");
-        std::fs::write(&conf, &out.stdout).unwrap();
-        let mut child = Child(
-            Command::new(nginx)
-                .args(["-c", &conf, "-p", &scratch.path(""), "-e"])
-                .arg(scratch.path("error.log"))
-                .args(["-g", "daemon off;"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawning nginx"),
-        );
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if child.0.try_wait().ok().flatten().is_some() {
-                break; // the port was taken: try others
-            }
-            if std::net::TcpStream::connect(("127.0.0.1", https)).is_ok()
-                && std::fs::metadata(scratch.path("nginx.pid")).is_ok_and(|m| m.len() > 0)
-            {
-                return (child, https);
-            }
-            assert!(Instant::now() < deadline, "nginx did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    panic!("nginx found no free ports in 5 tries");
 }
 
 /// An SSE stream read by `curl -N`: its lines as they arrive.
@@ -831,16 +716,20 @@ impl CurlStream {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_works_through_the_nginx_configuration() {
-    let (Some(nginx), Some(_), Some(_)) = (tool("nginx"), tool("openssl"), tool("curl")) else {
+    let (Some(nginx), Some(_), Some(_)) = (
+        tool("nginx", true),
+        tool("openssl", true),
+        tool("curl", true),
+    ) else {
         return;
     };
     let cluster = Cluster::start(2, HISTORY).await;
     let [n1, n2] = &cluster.nodes[..] else {
         unreachable!()
     };
-    let scratch = Scratch::new();
-    let (_nginx, https) = start_nginx(&nginx, &scratch, &n1.addr.to_string());
-    let ca = scratch.path("certs/ca.crt");
+    let nginx = Nginx::start(&nginx, &n1.addr.to_string(), &[]);
+    let https = nginx.https;
+    let ca = nginx.scratch.path("certs/ca.crt");
     let url = format!("https://localhost:{https}/sse?channel=chat:9");
     let t = chat_token("alice");
 
