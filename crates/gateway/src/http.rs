@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{
-    Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
+    CloseFrame, Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
 };
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use futures_util::SinkExt;
-use pushgate_protocol::{RawJson, Target, validate_channel, validate_user};
+use pushgate_protocol::{RawJson, Target, close, validate_channel, validate_user};
 use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
@@ -225,11 +225,22 @@ async fn echo(
     let admission = admit_client(&node, client)?;
     Ok(
         configure(&node, upgrade).on_upgrade(move |mut socket: WebSocket| async move {
-            while let Some(Ok(msg)) = socket.recv().await {
+            loop {
+                let msg = tokio::select! {
+                    msg = socket.recv() => msg,
+                    () = node.drain_started() => {
+                        let going_away = CloseFrame {
+                            code: close::GOING_AWAY,
+                            reason: close::reason(close::GOING_AWAY).into(),
+                        };
+                        let _ = socket.send(Message::Close(Some(going_away))).await;
+                        break;
+                    }
+                };
                 let reply = match msg {
-                    Message::Text(_) | Message::Binary(_) => msg,
-                    Message::Close(_) => break,
-                    Message::Ping(_) | Message::Pong(_) => continue,
+                    Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => m,
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    _ => break,
                 };
                 if socket.send(reply).await.is_err() {
                     break;

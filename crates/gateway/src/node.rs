@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -40,7 +39,8 @@ pub struct Node {
     presence: Mutex<HashMap<Arc<str>, HashMap<String, PresenceEntry>>>,
     connections: Arc<Semaphore>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
-    draining: AtomicBool,
+    /// Cancelled when a drain starts.
+    draining: CancellationToken,
     peers: Mutex<HashMap<String, (Instant, NodeStats)>>,
     started: Instant,
     /// Stops the node's background tasks.
@@ -147,7 +147,7 @@ impl Node {
                 presence: Mutex::default(),
                 connections: Arc::new(Semaphore::new(config.max_connections)),
                 per_ip: Mutex::default(),
-                draining: AtomicBool::new(false),
+                draining: CancellationToken::new(),
                 peers: Mutex::default(),
                 started: Instant::now(),
                 config,
@@ -170,8 +170,13 @@ impl Node {
         Ok(node)
     }
 
+    /// Resolves once a drain has started.
+    pub async fn drain_started(&self) {
+        self.draining.cancelled().await;
+    }
+
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
+        self.draining.is_cancelled()
     }
 
     pub fn is_ready(&self) -> bool {
@@ -701,7 +706,7 @@ impl Node {
     /// Graceful drain: refuse new connections and close open ones with 1001 in batches spread
     /// over the drain period, so that clients do not all reconnect elsewhere at the same instant.
     pub async fn drain(&self) {
-        self.draining.store(true, Ordering::Release);
+        self.draining.cancel();
         let period = self.config.drain_period;
         let sessions = self.hub.sessions();
         info!(

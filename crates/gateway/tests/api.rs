@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::TestNode;
+use common::{Ending, TestNode, ending};
 use pushgate_protocol::ErrorCode;
 use pushgate_protocol::server::ServerFrame;
 use pushgate_tests::{API_KEY, Client, RedisServer, WAIT, api, eventually, metric, token};
@@ -320,8 +320,15 @@ async fn a_drain_refuses_new_clients_and_closes_open_ones_with_1001() {
     for _ in 0..30 {
         clients.push(Client::connect(&url, &t).await.unwrap());
     }
+    // An /echo connection (no welcome, not a session) is told to go away too.
+    let echo_url = format!("ws://{}/echo?token={t}", node.addr);
+    let (mut echo, _) = timeout(WAIT, tokio_tungstenite::connect_async(echo_url))
+        .await
+        .expect("echo handshake in time")
+        .expect("echo handshake");
     let started = Instant::now();
     let server = node.begin_shutdown();
+    assert!(matches!(ending(&mut echo).await, Ending::Close(1001)));
     let watchers: Vec<_> = clients
         .into_iter()
         .map(|mut c| tokio::spawn(async move { (c.closed().await, Instant::now()) }))
