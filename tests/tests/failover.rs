@@ -184,6 +184,23 @@ impl Edge {
         }
         all
     }
+
+    /// Publishes `data` on `channel` through node `via`'s API, and checks that every client got
+    /// exactly that message, once, before the next barrier.
+    async fn everyone_gets(
+        &self,
+        clients: &mut [Tracked],
+        live: usize,
+        via: &str,
+        channel: &str,
+        data: &str,
+    ) {
+        publish(self.node(via), json!({"channel": channel, "data": data})).await;
+        let expected = [format!("{channel}={data}")];
+        for (i, got) in self.barrier(clients, live).await.iter().enumerate() {
+            assert_eq!(got, &expected, "client {i}");
+        }
+    }
 }
 
 fn flags<'a>(extra: &[&'a str]) -> Vec<&'a str> {
@@ -762,14 +779,8 @@ async fn a_draining_node_sends_its_clients_elsewhere_in_batches() {
 
     // Everyone is served by the other two nodes.
     edge.nodes.remove(0);
-    publish(
-        edge.node("n2"),
-        json!({"channel": "room:drain", "data": "after-drain"}),
-    )
-    .await;
-    for (i, got) in edge.barrier(&mut clients, 2).await.iter().enumerate() {
-        assert_eq!(got, &sorted(&["room:drain=after-drain"]), "client {i}");
-    }
+    edge.everyone_gets(&mut clients, 2, "n2", "room:drain", "after-drain")
+        .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -867,14 +878,8 @@ async fn a_redis_outage_keeps_local_delivery_and_every_node_recovers_by_itself()
     }
 
     // Cross-node delivery works again; nothing was restarted or disconnected.
-    publish(
-        edge.node("n2"),
-        json!({"channel": "room:cross", "data": "after-outage"}),
-    )
-    .await;
-    for (i, got) in edge.barrier(&mut clients, 3).await.iter().enumerate() {
-        assert_eq!(got, &sorted(&["room:cross=after-outage"]), "client {i}");
-    }
+    edge.everyone_gets(&mut clients, 3, "n2", "room:cross", "after-outage")
+        .await;
     for (node, pid) in edge.nodes.iter_mut().zip(pids) {
         assert!(node.is_running(), "{} exited", node.id);
         assert_eq!(node.pid(), pid);
@@ -927,14 +932,8 @@ async fn killed_pubsub_connections_are_reestablished_behind_nginx() {
         assert!(*t < Duration::from_secs(3), "{id} took {t:?}");
     }
 
-    publish(
-        edge.node("n3"),
-        json!({"channel": "room:k", "data": "after-kill"}),
-    )
-    .await;
-    for (i, got) in edge.barrier(&mut clients, 3).await.iter().enumerate() {
-        assert_eq!(got, &sorted(&["room:k=after-kill"]), "client {i}");
-    }
+    edge.everyone_gets(&mut clients, 3, "n3", "room:k", "after-kill")
+        .await;
     for c in &clients {
         assert_eq!(c.log.disconnects(killed_at), [], "{}", c.node());
     }
@@ -1065,14 +1064,8 @@ async fn an_nginx_reload_keeps_connections_until_the_shutdown_timeout_then_clien
     .await;
 
     // The old workers still carry every connection: a message gets through, nobody noticed.
-    publish(
-        edge.node("n1"),
-        json!({"channel": "room:reload", "data": "during-reload"}),
-    )
-    .await;
-    for (i, got) in edge.barrier(&mut clients, 3).await.iter().enumerate() {
-        assert_eq!(got, &sorted(&["room:reload=during-reload"]), "client {i}");
-    }
+    edge.everyone_gets(&mut clients, 3, "n1", "room:reload", "during-reload")
+        .await;
     let checked = reloaded_at.elapsed();
 
     // At worker_shutdown_timeout the old workers close what they still hold; every client
@@ -1116,14 +1109,8 @@ async fn an_nginx_reload_keeps_connections_until_the_shutdown_timeout_then_clien
     })
     .await;
 
-    publish(
-        edge.node("n2"),
-        json!({"channel": "room:reload", "data": "after-reload"}),
-    )
-    .await;
-    for (i, got) in edge.barrier(&mut clients, 3).await.iter().enumerate() {
-        assert_eq!(got, &sorted(&["room:reload=after-reload"]), "client {i}");
-    }
+    edge.everyone_gets(&mut clients, 3, "n2", "room:reload", "after-reload")
+        .await;
     assert!(edge.nginx.is_running());
 }
 
@@ -1215,12 +1202,6 @@ async fn two_thousand_clients_dropped_at_once_all_come_back() {
     }
     assert_eq!(held, CLIENTS as f64);
 
-    publish(
-        edge.node("n1"),
-        json!({"channel": "room:storm", "data": "after-storm"}),
-    )
-    .await;
-    for (i, got) in edge.barrier(&mut clients, 3).await.iter().enumerate() {
-        assert_eq!(got, &sorted(&["room:storm=after-storm"]), "client {i}");
-    }
+    edge.everyone_gets(&mut clients, 3, "n1", "room:storm", "after-storm")
+        .await;
 }
