@@ -217,60 +217,52 @@ impl Hub {
         }
     }
 
-    /// Adds a session. Returns true when it is its user's first on this node.
-    pub fn insert(&self, s: &Arc<SessionHandle>) -> bool {
+    /// Adds a session. (Redis subscriptions are counted by the broker, not here.)
+    pub fn insert(&self, s: &Arc<SessionHandle>) {
         write(&self.sessions).insert(s.id, s.clone());
         let mut users = write(&self.users);
-        let members = users.entry(s.user.clone()).or_default();
-        members.insert(s.id, s.clone());
-        members.len() == 1
+        users
+            .entry(s.user.clone())
+            .or_default()
+            .insert(s.id, s.clone());
     }
 
-    /// Removes a session. Returns true when it was its user's last on this node.
-    pub fn remove(&self, s: &SessionHandle) -> bool {
+    /// Removes a session.
+    pub fn remove(&self, s: &SessionHandle) {
         write(&self.sessions).remove(&s.id);
         let mut users = write(&self.users);
-        let Some(members) = users.get_mut(&s.user) else {
-            return false;
-        };
-        members.remove(&s.id);
-        let last = members.is_empty();
-        if last {
-            users.remove(&s.user);
+        if let Some(members) = users.get_mut(&s.user) {
+            members.remove(&s.id);
+            if members.is_empty() {
+                users.remove(&s.user);
+            }
         }
-        last
     }
 
-    /// Adds `s` to `channel`. Returns the shared channel name and whether `s` is its first
-    /// local subscriber; `None` if `s` was already subscribed.
-    pub fn join(&self, channel: &str, s: &Arc<SessionHandle>) -> Option<(Arc<str>, bool)> {
+    /// Adds `s` to `channel`. Returns the shared channel name, or `None` if `s` was already
+    /// subscribed.
+    pub fn join(&self, channel: &str, s: &Arc<SessionHandle>) -> Option<Arc<str>> {
         let mut channels = write(&self.channels);
         if let Some((name, _)) = channels.get_key_value(channel) {
             let name = name.clone();
             let members = channels.get_mut(channel).expect("present: just looked up");
-            return members
-                .insert(s.id, s.clone())
-                .is_none()
-                .then_some((name, false));
+            return members.insert(s.id, s.clone()).is_none().then_some(name);
         }
         let name: Arc<str> = channel.into();
         channels.insert(name.clone(), HashMap::from([(s.id, s.clone())]));
-        Some((name, true))
+        Some(name)
     }
 
-    /// Removes `id` from `channel`. Returns true when it was the last local subscriber.
-    pub fn leave(&self, channel: &str, id: Uuid) -> bool {
+    /// Removes `id` from `channel`; the last member takes the channel with it.
+    pub fn leave(&self, channel: &str, id: Uuid) {
         let mut channels = write(&self.channels);
-        let Some(members) = channels.get_mut(channel) else {
-            return false;
-        };
-        members.remove(&id);
-        let last = members.is_empty();
-        if last {
-            channels.remove(channel);
-            self.seen().remove(channel);
+        if let Some(members) = channels.get_mut(channel) {
+            members.remove(&id);
+            if members.is_empty() {
+                channels.remove(channel);
+                self.seen().remove(channel);
+            }
         }
-        last
     }
 
     fn seen(&self) -> std::sync::MutexGuard<'_, Positions> {
@@ -451,8 +443,9 @@ mod tests {
         let (hub, m) = hub();
         let a = SessionHandle::new("alice".into(), 8);
         let b = SessionHandle::new("bob".into(), 8);
-        assert!(hub.insert(&a) && hub.insert(&b));
-        assert_eq!(hub.join("room", &a).map(|j| j.1), Some(true));
+        hub.insert(&a);
+        hub.insert(&b);
+        assert_eq!(hub.join("room", &a).as_deref(), Some("room"));
         assert_eq!(hub.join("room", &a), None, "joining twice is a no-op");
         let frame = Frame::from("x");
         assert_eq!(hub.to_channel("room", || frame.clone()), 1);
@@ -467,16 +460,18 @@ mod tests {
         let (hub, _) = hub();
         let a1 = SessionHandle::new("alice".into(), 8);
         let a2 = SessionHandle::new("alice".into(), 8);
-        assert!(hub.insert(&a1));
-        assert!(!hub.insert(&a2), "second session of a user");
+        hub.insert(&a1);
+        hub.insert(&a2);
+        assert_eq!(hub.counts().users, 1, "two sessions of one user");
         let f = Frame::from("u");
         assert_eq!(hub.to_user("alice", || f.clone()), 2);
         assert!(hub.to_session(a2.id, &f));
         assert_eq!(hub.to_all(&f), 2);
         let queued = |s: &SessionHandle| std::iter::from_fn(|| s.next_frame()).count();
         assert_eq!((queued(&a1), queued(&a2)), (2, 3));
-        assert!(!hub.remove(&a1));
-        assert!(hub.remove(&a2), "last session of the user");
+        hub.remove(&a1);
+        assert_eq!(hub.counts().users, 1, "the user still has a session");
+        hub.remove(&a2);
         assert_eq!(
             hub.counts(),
             Counts {
@@ -509,15 +504,18 @@ mod tests {
     }
 
     #[test]
-    fn leave_reports_the_last_member() {
+    fn the_last_member_to_leave_takes_the_channel() {
         let (hub, _) = hub();
         let a = SessionHandle::new("a".into(), 1);
         let b = SessionHandle::new("b".into(), 1);
         hub.join("c", &a);
-        assert_eq!(hub.join("c", &b).map(|j| j.1), Some(false));
-        assert!(!hub.leave("c", a.id));
-        assert!(hub.leave("c", b.id));
-        assert!(!hub.leave("c", b.id));
+        assert!(hub.join("c", &b).is_some());
+        hub.leave("c", a.id);
+        assert_eq!(hub.counts().channels, 1);
+        hub.leave("c", b.id);
+        assert_eq!(hub.counts().channels, 0);
+        hub.leave("c", b.id);
+        assert_eq!(hub.to_channel("c", || Frame::from("x")), 0);
     }
 
     #[test]

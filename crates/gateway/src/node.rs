@@ -85,6 +85,22 @@ pub struct Outgoing<'a> {
     pub data: &'a RawJson,
 }
 
+impl<'a> Outgoing<'a> {
+    /// The delivery of this message, under the ID and time the node gives it.
+    fn message<'m>(&self, id: &'m str, ts: u64) -> MessageRef<'m>
+    where
+        'a: 'm,
+    {
+        MessageRef {
+            id,
+            ts,
+            from: self.from,
+            target: self.target,
+            data: self.data,
+        }
+    }
+}
+
 /// A published message: its ID and, on a history channel, its offset and epoch.
 #[derive(Debug, Clone)]
 pub struct Published {
@@ -249,15 +265,8 @@ impl Node {
         {
             return self.publish_history(channel, rule, out).await;
         }
-        let id = Uuid::now_v7().to_string();
-        let ts = unix_millis();
-        let m = MessageRef {
-            id: &id,
-            ts,
-            from: out.from,
-            target: out.target,
-            data: out.data,
-        };
+        let (id, ts) = (Uuid::now_v7().to_string(), unix_millis());
+        let m = out.message(&id, ts);
         self.deliver_locally(&m);
         let envelope = Envelope {
             id: Some(id.as_str().into()),
@@ -293,15 +302,8 @@ impl Node {
         rule: &HistoryRule,
         out: Outgoing<'_>,
     ) -> Result<Published, BrokerError> {
-        let id = Uuid::now_v7().to_string();
-        let ts = unix_millis();
-        let m = MessageRef {
-            id: &id,
-            ts,
-            from: out.from,
-            target: out.target,
-            data: out.data,
-        };
+        let (id, ts) = (Uuid::now_v7().to_string(), unix_millis());
+        let m = out.message(&id, ts);
         let (offset, epoch) = match &self.broker {
             Broker::Embedded => {
                 let (offset, epoch, _) = self.memory.publish(

@@ -203,7 +203,7 @@ where
             return Ok(false);
         }
         let node = self.node.clone();
-        let Some((name, _)) = node.hub.join(channel, &self.handle) else {
+        let Some(name) = node.hub.join(channel, &self.handle) else {
             self.reply(encode_ack(id)).await?;
             return Ok(true);
         };
