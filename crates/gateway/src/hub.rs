@@ -59,15 +59,20 @@ pub struct Queued {
 ///
 /// The queue is a plain `VecDeque` behind a mutex rather than a channel: it allocates nothing
 /// while a connection is idle, which is what most connections are most of the time.
+///
+/// `repr(C)` keeps what queueing touches (the close code, the lock, the queue's header) at the
+/// front, so that a fan-out to thousands of sessions takes one cache miss per session for them
+/// rather than two.
+#[repr(C)]
 pub struct SessionHandle {
-    pub id: Uuid,
-    pub user: Arc<str>,
-    queue: Mutex<VecDeque<Queued>>,
-    capacity: usize,
     /// The close code asked for; 0 while none is.
     close_code: AtomicU16,
+    queue: Mutex<VecDeque<Queued>>,
+    capacity: usize,
     /// Wakes the session's task: frames were queued, or a close was asked for.
     wake: Notify,
+    pub id: Uuid,
+    pub user: Arc<str>,
 }
 
 impl SessionHandle {
@@ -127,10 +132,21 @@ impl SessionHandle {
     pub fn next_entry(&self) -> Option<Queued> {
         let mut queue = self.queue();
         let entry = queue.pop_front();
-        if queue.is_empty() && queue.capacity() > KEEP_CAPACITY {
-            *queue = VecDeque::new();
-        }
+        release_spare(&mut queue);
         entry
+    }
+
+    /// Moves up to `max` queued deliveries, oldest first, into `out` (empty) under one lock: a
+    /// session writing a backlog takes the lock once per batch, not once per frame. The two
+    /// buffers trade places, so neither side allocates while a backlog drains.
+    pub fn take_batch(&self, out: &mut VecDeque<Queued>, max: usize) {
+        debug_assert!(out.is_empty());
+        let mut queue = self.queue();
+        if queue.len() <= max {
+            std::mem::swap(&mut *queue, out);
+        } else {
+            out.extend(queue.drain(..max));
+        }
     }
 
     /// The next queued frame, if any (without its tag).
@@ -138,9 +154,10 @@ impl SessionHandle {
         self.next_entry().map(|q| q.frame)
     }
 
-    /// Asks the session's task to look again (it stopped before the queue was empty).
-    pub fn rewake_if_pending(&self) {
-        if !self.queue().is_empty() {
+    /// Asks the session's task to look again when it stopped with frames left: in its own
+    /// batch (`taken`), or still queued here.
+    pub fn rewake_if_pending(&self, taken: bool) {
+        if taken || !self.queue().is_empty() {
             self.wake.notify_one();
         }
     }
@@ -167,6 +184,14 @@ impl SessionHandle {
     /// Resolves when frames were queued or a close was asked for.
     pub async fn woken(&self) {
         self.wake.notified().await;
+    }
+}
+
+/// Gives back a drained queue's buffer once a backlog made it large: an idle connection keeps
+/// at most a small one.
+pub fn release_spare(queue: &mut VecDeque<Queued>) {
+    if queue.is_empty() && queue.capacity() > KEEP_CAPACITY {
+        *queue = VecDeque::new();
     }
 }
 
@@ -270,10 +295,32 @@ impl Hub {
     }
 
     fn offer(&self, members: &Members, frame: &Frame, tag: Option<&Arc<Tag>>) -> usize {
-        let sent = members
-            .values()
-            .filter(|s| s.deliver(frame, tag, &self.drops))
-            .count();
+        // Queueing takes a lock, and a locked instruction lets no later load start early, so
+        // one session at a time would wait out each session's cache miss in turn. Reading the
+        // close codes of a few sessions first (plain loads, which overlap) brings their lines
+        // in together.
+        const AHEAD: usize = 16;
+        let mut sessions = members.values();
+        let mut open: [Option<&SessionHandle>; AHEAD] = [None; AHEAD];
+        let mut sent = 0;
+        loop {
+            let mut seen = 0;
+            for (slot, s) in open.iter_mut().zip(sessions.by_ref()) {
+                *slot = s.close_code().is_none().then_some(&**s);
+                seen += 1;
+            }
+            for s in open[..seen].iter().copied() {
+                match s {
+                    Some(s) => sent += usize::from(s.deliver(frame, tag, &self.drops)),
+                    None => {
+                        self.drops.closed.inc();
+                    }
+                }
+            }
+            if seen < AHEAD {
+                break;
+            }
+        }
         self.deliveries.inc_by(sent as u64);
         sent
     }
@@ -594,5 +641,52 @@ mod tests {
         }
         while s.next_frame().is_some() {}
         assert_eq!(s.queue().capacity(), 0);
+    }
+
+    #[test]
+    fn batches_are_taken_oldest_first_and_bounded() {
+        let (hub, m) = hub();
+        let s = SessionHandle::new("a".into(), 1000);
+        hub.insert(&s);
+        for i in 0..100 {
+            hub.to_session(s.id, &Frame::from(i.to_string()));
+        }
+        let mut batch = VecDeque::new();
+        let mut seen = Vec::new();
+        while {
+            s.take_batch(&mut batch, 64);
+            !batch.is_empty()
+        } {
+            assert!(batch.len() <= 64);
+            seen.extend(
+                batch
+                    .drain(..)
+                    .map(|q| q.frame.as_str().parse::<u32>().unwrap()),
+            );
+            release_spare(&mut batch);
+        }
+        assert_eq!(seen, (0..100).collect::<Vec<_>>());
+        assert_eq!(m.deliveries.get(), 100);
+        assert_eq!(batch.capacity(), 0, "a drained batch gives its memory back");
+    }
+
+    #[test]
+    fn a_fan_out_skips_closed_sessions_and_counts_them() {
+        let (hub, m) = hub();
+        let sessions: Vec<_> = (0..40)
+            .map(|i| SessionHandle::new(format!("u{i}").into(), 10))
+            .collect();
+        for (i, s) in sessions.iter().enumerate() {
+            hub.insert(s);
+            hub.join("c", s);
+            if i % 3 == 0 {
+                s.close(close::GOING_AWAY);
+            }
+        }
+        assert_eq!(hub.to_channel("c", || Frame::from("m")), 26);
+        assert_eq!(m.drops.closed.get(), 14);
+        for (i, s) in sessions.iter().enumerate() {
+            assert_eq!(s.next_frame().is_some(), i % 3 != 0);
+        }
     }
 }

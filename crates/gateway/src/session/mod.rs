@@ -12,6 +12,7 @@
 //! with an `unsubscribed` notice (`history_lost`) so that the client recovers by subscribing
 //! again with its position.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span};
 
 use crate::auth::{Grant, unix_now};
-use crate::hub::{Frame, Queued, SessionHandle};
+use crate::hub::{self, Frame, Queued, SessionHandle};
 use crate::node::{Admission, Node};
 
 mod ordering;
@@ -78,6 +79,8 @@ struct Session<W> {
     channels: Vec<Sub>,
     bucket: Bucket,
     sink: W,
+    /// Deliveries taken from the handle's queue and not yet written, oldest first.
+    batch: VecDeque<Queued>,
     /// Serving an SSE stream: no client requests, no heartbeat replies to wait for.
     sse: bool,
 }
@@ -169,6 +172,7 @@ impl<W> Session<W> {
             grant,
             channels: Vec::new(),
             sink,
+            batch: VecDeque::new(),
             sse,
         }
     }
@@ -328,13 +332,21 @@ where
     async fn write_queued(&mut self) -> Result<(), Stop> {
         let mut budget = WRITE_BATCH;
         while budget > 0 {
-            let (node, handle, sink, subs) =
-                (&self.node, &self.handle, &mut self.sink, &mut self.channels);
+            let (node, handle, sink, subs, batch) = (
+                &self.node,
+                &self.handle,
+                &mut self.sink,
+                &mut self.channels,
+                &mut self.batch,
+            );
             let write = async {
                 let mut written = 0;
                 let mut stopped_at = None;
                 while written < budget {
-                    let Some(entry) = handle.next_entry() else {
+                    if batch.is_empty() {
+                        handle.take_batch(batch, budget - written);
+                    }
+                    let Some(entry) = batch.pop_front() else {
                         break;
                     };
                     let verdict = match &entry.tag {
@@ -370,8 +382,9 @@ where
         // A full batch may have left frames behind: come back for them after other events.
         // (A batch cut short found the queue empty; a frame queued since then woke us anew.)
         if budget == 0 {
-            self.handle.rewake_if_pending();
+            self.handle.rewake_if_pending(!self.batch.is_empty());
         }
+        hub::release_spare(&mut self.batch);
         Ok(())
     }
 
