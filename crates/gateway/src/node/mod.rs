@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pushgate_protocol::envelope::{EnvelopeError, NodeStats, Stamp};
-use pushgate_protocol::server::{MessageRef, encode_message, encode_message_at};
+use pushgate_protocol::server::{MessageRef, encode_message};
 use pushgate_protocol::{
     ControlMessage, Envelope, NodeMessage, PresenceEntry, RawJson, Target, close,
 };
@@ -19,9 +19,12 @@ use uuid::Uuid;
 use crate::auth::Verifier;
 use crate::broker::{Broker, BrokerError, Inbound, RedisBroker, RedisSettings, Topic, Topics};
 use crate::config::ServeArgs;
-use crate::history::{HistoryRead, HistoryRule, MemoryHistory, Policy};
+use crate::history::{MemoryHistory, Policy};
 use crate::hub::{Frame, Hub};
 use crate::metrics::Metrics;
+
+mod history;
+mod presence;
 
 pub struct Node {
     pub config: ServeArgs,
@@ -296,147 +299,6 @@ impl Node {
         Ok(Published { id, position: None })
     }
 
-    async fn publish_history(
-        &self,
-        channel: &str,
-        rule: &HistoryRule,
-        out: Outgoing<'_>,
-    ) -> Result<Published, BrokerError> {
-        let (id, ts) = (Uuid::now_v7().to_string(), unix_millis());
-        let m = out.message(&id, ts);
-        let (offset, epoch) = match &self.broker {
-            Broker::Embedded => {
-                let (offset, epoch, _) = self.memory.publish(
-                    channel,
-                    rule,
-                    |offset, epoch| self.encode_at(&m, offset, epoch),
-                    |frame, offset, epoch| self.hub.to_channel_at(channel, frame, epoch, offset),
-                );
-                (offset, epoch)
-            }
-            Broker::Redis(redis) => {
-                let envelope = Envelope {
-                    id: Some(id.as_str().into()),
-                    ts: Some(ts),
-                    from: out.from.map(Into::into),
-                    origin: Some((*self.instance).into()),
-                    data: out.data,
-                };
-                let (offset, epoch) = redis
-                    .publish_history(
-                        &self.topics.history(channel),
-                        &self.topics.meta(channel),
-                        &self.topics.channel(channel),
-                        &envelope.encode(),
-                        rule.size,
-                        rule.ttl_ms(),
-                    )
-                    .await?;
-                (offset, epoch.into())
-            }
-        };
-        Ok(Published {
-            id,
-            position: Some((offset, epoch)),
-        })
-    }
-
-    fn encode_at(&self, m: &MessageRef<'_>, offset: u64, epoch: &str) -> Frame {
-        self.metrics.encodes.inc();
-        Frame::from(encode_message_at(m, offset, epoch))
-    }
-
-    /// The message frame of a history entry as the publish function stored it. A backend's
-    /// message without an `id` gets `{epoch}:{offset}`, the same on every node and every read.
-    fn history_frame(&self, channel: &str, payload: &[u8]) -> Result<(u64, Frame), EnvelopeError> {
-        let (e, stamp) = Envelope::decode_stamped(payload)?;
-        let stamp = stamp.ok_or(EnvelopeError::BadStamp)?;
-        let frame = received(&e, Target::Channel(channel), Some(&stamp), |m| {
-            self.encode_at(m, stamp.offset, &stamp.epoch)
-        });
-        Ok((stamp.offset, frame))
-    }
-
-    /// Reads a history channel: its epoch and last offset, and up to `limit` messages after
-    /// offset `after`, as message frames. A channel without history gets an epoch here.
-    pub async fn read_history(
-        &self,
-        channel: &str,
-        rule: &HistoryRule,
-        after: u64,
-        limit: u64,
-    ) -> Result<HistoryRead, BrokerError> {
-        match &self.broker {
-            Broker::Embedded => Ok(self.memory.read(channel, after, limit, rule.ttl)),
-            Broker::Redis(redis) => {
-                let (epoch, top, raw) = redis
-                    .read_history(
-                        &self.topics.history(channel),
-                        &self.topics.meta(channel),
-                        after,
-                        limit,
-                        rule.ttl_ms(),
-                    )
-                    .await?;
-                let mut entries = Vec::with_capacity(raw.len());
-                for (offset, payload) in raw {
-                    match self.history_frame(channel, &payload) {
-                        Ok((_, frame)) => entries.push((offset, frame)),
-                        Err(e) => {
-                            // Left out: the gap shows, and whoever needed it recovers.
-                            warn!(channel, offset, error = %e, "invalid message in history");
-                        }
-                    }
-                }
-                Ok(HistoryRead {
-                    epoch: epoch.into(),
-                    top,
-                    entries,
-                })
-            }
-        }
-    }
-
-    /// After the Redis subscription was interrupted: for every local history channel, delivers
-    /// (tagged) what history holds after the last message this node saw, so that subscribers
-    /// get it even if no later message arrives. Sessions drop what they already have.
-    async fn catch_up(self: Arc<Self>) {
-        let limit = self.config.history_recovery_limit;
-        for (channel, epoch, seen) in self.hub.seen_positions() {
-            let Some(rule) = self.policy.history(&channel) else {
-                continue;
-            };
-            match self.read_history(&channel, rule, seen, limit).await {
-                Ok(read) if read.epoch == epoch && read.top.saturating_sub(seen) > limit => {
-                    // More than one recovery may send: subscribers recover themselves.
-                    info!(%channel, missed = read.top - seen, "missed more than the recovery limit");
-                    self.hub.lost_at(&channel, &epoch);
-                }
-                Ok(read) if read.epoch == epoch => {
-                    debug!(%channel, from = seen, count = read.entries.len(), "catching up");
-                    // Into every connection's bounded queue, but never enough to overflow it:
-                    // a connection whose queue is half full skips them, and the newest (queued
-                    // as usual) shows it the gap, which it fills from history itself.
-                    if let Some(((last, newest), rest)) = read.entries.split_last() {
-                        for (offset, frame) in rest {
-                            self.hub.to_channel_spare(&channel, frame, &epoch, *offset);
-                        }
-                        self.hub.to_channel_at(&channel, newest, &epoch, *last);
-                    }
-                }
-                Ok(_) => {
-                    // The history this node was following is gone: what it missed of it
-                    // cannot be told apart from what it had. Its subscribers recover.
-                    info!(%channel, "history epoch changed while the subscription was down");
-                    self.hub.lost_at(&channel, &epoch);
-                }
-                Err(e) => {
-                    warn!(%channel, error = %e, "history catch-up failed; subscribers recover at the next message");
-                }
-            }
-        }
-    }
-
     /// Closes every connection of `user` on every node.
     pub async fn disconnect_user(&self, user: &str) -> Result<usize, BrokerError> {
         let closed = self.hub.close_user(user, close::DISCONNECTED);
@@ -512,150 +374,6 @@ impl Node {
 
     fn me(&self) -> Option<Arc<Node>> {
         self.me.upgrade()
-    }
-
-    /// How long a presence entry lives without a refresh: three heartbeat intervals.
-    pub fn presence_ttl(&self) -> Duration {
-        self.config.heartbeat_interval * 3
-    }
-
-    fn presence_ttl_ms(&self) -> u64 {
-        (self.presence_ttl().as_millis() as u64).max(1)
-    }
-
-    /// Adds a local session to the entries of a presence channel.
-    pub async fn presence_join(&self, channel: &Arc<str>, session: &str, user: &str) {
-        let entry = PresenceEntry {
-            user: user.to_owned(),
-            session: session.to_owned(),
-            node: self.instance.to_string(),
-            joined_at: unix_millis(),
-        };
-        let json = serde_json::to_string(&entry).unwrap_or_default();
-        lock(&self.presence)
-            .entry(channel.clone())
-            .or_default()
-            .insert(session.to_owned(), entry);
-        if let Broker::Redis(redis) = &self.broker {
-            let group = (
-                self.topics.presence(channel),
-                self.topics.presence_exp(channel),
-                vec![(session.to_owned(), json)],
-            );
-            if let Err(e) = redis.presence_add(&[group], self.presence_ttl_ms()).await {
-                warn!(%channel, error = %e, "presence entry not added");
-            }
-        }
-    }
-
-    /// Removes a local session from the entries of these channels (those that track presence).
-    pub fn presence_leave(&self, session: &str, channels: &[Arc<str>]) {
-        let mut removed = Vec::new();
-        {
-            let mut presence = lock(&self.presence);
-            for channel in channels {
-                if let Some(entries) = presence.get_mut(channel) {
-                    if entries.remove(session).is_some() {
-                        removed.push(channel.clone());
-                    }
-                    if entries.is_empty() {
-                        presence.remove(channel);
-                    }
-                }
-            }
-        }
-        if removed.is_empty() {
-            return;
-        }
-        if let (Broker::Redis(redis), Some(node)) = (&self.broker, self.me()) {
-            let redis = redis.clone();
-            let groups: Vec<_> = removed
-                .iter()
-                .map(|c| {
-                    (
-                        node.topics.presence(c),
-                        node.topics.presence_exp(c),
-                        vec![session.to_owned()],
-                    )
-                })
-                .collect();
-            tokio::spawn(async move {
-                if let Err(e) = redis.presence_remove(&groups).await {
-                    warn!(error = %e, "presence entries not removed; they expire");
-                }
-            });
-        }
-    }
-
-    /// Who is subscribed to a presence channel, across the cluster, by join time.
-    pub async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>, BrokerError> {
-        let mut entries: Vec<PresenceEntry> = match &self.broker {
-            Broker::Embedded => lock(&self.presence)
-                .get(channel)
-                .map(|e| e.values().cloned().collect())
-                .unwrap_or_default(),
-            Broker::Redis(redis) => redis
-                .presence_list(
-                    &self.topics.presence(channel),
-                    &self.topics.presence_exp(channel),
-                )
-                .await?
-                .iter()
-                .filter_map(|json| serde_json::from_slice(json).ok())
-                .collect(),
-        };
-        entries.sort_by(|a, b| (a.joined_at, &a.session).cmp(&(b.joined_at, &b.session)));
-        Ok(entries)
-    }
-
-    /// This node's presence entries as `(hash, zset, items)` groups of at most 500 items.
-    fn presence_groups<T: Clone>(
-        &self,
-        item: impl Fn(&String, &PresenceEntry) -> T,
-    ) -> Vec<(String, String, Vec<T>)> {
-        const CHUNK: usize = 500;
-        let presence = lock(&self.presence);
-        let mut groups = Vec::new();
-        for (channel, entries) in presence.iter() {
-            let items: Vec<T> = entries.iter().map(|(s, e)| item(s, e)).collect();
-            for chunk in items.chunks(CHUNK) {
-                groups.push((
-                    self.topics.presence(channel),
-                    self.topics.presence_exp(channel),
-                    chunk.to_vec(),
-                ));
-            }
-        }
-        groups
-    }
-
-    /// Writes every local presence entry again (after Redis may have lost them).
-    async fn presence_readd(&self) -> Result<(), BrokerError> {
-        let Broker::Redis(redis) = &self.broker else {
-            return Ok(());
-        };
-        let groups = self.presence_groups(|session, entry| {
-            (
-                session.clone(),
-                serde_json::to_string(entry).unwrap_or_default(),
-            )
-        });
-        if groups.is_empty() {
-            return Ok(());
-        }
-        redis.presence_add(&groups, self.presence_ttl_ms()).await
-    }
-
-    /// Extends this node's presence entries (every heartbeat).
-    async fn presence_touch(&self) -> Result<(), BrokerError> {
-        let Broker::Redis(redis) = &self.broker else {
-            return Ok(());
-        };
-        let groups = self.presence_groups(|session, _| session.clone());
-        if groups.is_empty() {
-            return Ok(());
-        }
-        redis.presence_touch(&groups, self.presence_ttl_ms()).await
     }
 
     /// This node's figures.

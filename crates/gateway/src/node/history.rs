@@ -1,0 +1,158 @@
+//! A node's history channels: publishing through history, reading it back, and catching up
+//! after the Redis subscription was interrupted.
+
+use std::sync::Arc;
+
+use pushgate_protocol::envelope::EnvelopeError;
+use pushgate_protocol::server::{MessageRef, encode_message_at};
+use pushgate_protocol::{Envelope, Target};
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use super::{Node, Outgoing, Published, received, unix_millis};
+use crate::broker::{Broker, BrokerError};
+use crate::history::{HistoryRead, HistoryRule};
+use crate::hub::Frame;
+
+impl Node {
+    pub(super) async fn publish_history(
+        &self,
+        channel: &str,
+        rule: &HistoryRule,
+        out: Outgoing<'_>,
+    ) -> Result<Published, BrokerError> {
+        let (id, ts) = (Uuid::now_v7().to_string(), unix_millis());
+        let m = out.message(&id, ts);
+        let (offset, epoch) = match &self.broker {
+            Broker::Embedded => {
+                let (offset, epoch, _) = self.memory.publish(
+                    channel,
+                    rule,
+                    |offset, epoch| self.encode_at(&m, offset, epoch),
+                    |frame, offset, epoch| self.hub.to_channel_at(channel, frame, epoch, offset),
+                );
+                (offset, epoch)
+            }
+            Broker::Redis(redis) => {
+                let envelope = Envelope {
+                    id: Some(id.as_str().into()),
+                    ts: Some(ts),
+                    from: out.from.map(Into::into),
+                    origin: Some((*self.instance).into()),
+                    data: out.data,
+                };
+                let (offset, epoch) = redis
+                    .publish_history(
+                        &self.topics.history(channel),
+                        &self.topics.meta(channel),
+                        &self.topics.channel(channel),
+                        &envelope.encode(),
+                        rule.size,
+                        rule.ttl_ms(),
+                    )
+                    .await?;
+                (offset, epoch.into())
+            }
+        };
+        Ok(Published {
+            id,
+            position: Some((offset, epoch)),
+        })
+    }
+
+    pub(super) fn encode_at(&self, m: &MessageRef<'_>, offset: u64, epoch: &str) -> Frame {
+        self.metrics.encodes.inc();
+        Frame::from(encode_message_at(m, offset, epoch))
+    }
+
+    /// The message frame of a history entry as the publish function stored it. A backend's
+    /// message without an `id` gets `{epoch}:{offset}`, the same on every node and every read.
+    fn history_frame(&self, channel: &str, payload: &[u8]) -> Result<(u64, Frame), EnvelopeError> {
+        let (e, stamp) = Envelope::decode_stamped(payload)?;
+        let stamp = stamp.ok_or(EnvelopeError::BadStamp)?;
+        let frame = received(&e, Target::Channel(channel), Some(&stamp), |m| {
+            self.encode_at(m, stamp.offset, &stamp.epoch)
+        });
+        Ok((stamp.offset, frame))
+    }
+
+    /// Reads a history channel: its epoch and last offset, and up to `limit` messages after
+    /// offset `after`, as message frames. A channel without history gets an epoch here.
+    pub async fn read_history(
+        &self,
+        channel: &str,
+        rule: &HistoryRule,
+        after: u64,
+        limit: u64,
+    ) -> Result<HistoryRead, BrokerError> {
+        match &self.broker {
+            Broker::Embedded => Ok(self.memory.read(channel, after, limit, rule.ttl)),
+            Broker::Redis(redis) => {
+                let (epoch, top, raw) = redis
+                    .read_history(
+                        &self.topics.history(channel),
+                        &self.topics.meta(channel),
+                        after,
+                        limit,
+                        rule.ttl_ms(),
+                    )
+                    .await?;
+                let mut entries = Vec::with_capacity(raw.len());
+                for (offset, payload) in raw {
+                    match self.history_frame(channel, &payload) {
+                        Ok((_, frame)) => entries.push((offset, frame)),
+                        Err(e) => {
+                            // Left out: the gap shows, and whoever needed it recovers.
+                            warn!(channel, offset, error = %e, "invalid message in history");
+                        }
+                    }
+                }
+                Ok(HistoryRead {
+                    epoch: epoch.into(),
+                    top,
+                    entries,
+                })
+            }
+        }
+    }
+
+    /// After the Redis subscription was interrupted: for every local history channel, delivers
+    /// (tagged) what history holds after the last message this node saw, so that subscribers
+    /// get it even if no later message arrives. Sessions drop what they already have.
+    pub(super) async fn catch_up(self: Arc<Self>) {
+        let limit = self.config.history_recovery_limit;
+        for (channel, epoch, seen) in self.hub.seen_positions() {
+            let Some(rule) = self.policy.history(&channel) else {
+                continue;
+            };
+            match self.read_history(&channel, rule, seen, limit).await {
+                Ok(read) if read.epoch == epoch && read.top.saturating_sub(seen) > limit => {
+                    // More than one recovery may send: subscribers recover themselves.
+                    info!(%channel, missed = read.top - seen, "missed more than the recovery limit");
+                    self.hub.lost_at(&channel, &epoch);
+                }
+                Ok(read) if read.epoch == epoch => {
+                    debug!(%channel, from = seen, count = read.entries.len(), "catching up");
+                    // Into every connection's bounded queue, but never enough to overflow it:
+                    // a connection whose queue is half full skips them, and the newest (queued
+                    // as usual) shows it the gap, which it fills from history itself.
+                    if let Some(((last, newest), rest)) = read.entries.split_last() {
+                        for (offset, frame) in rest {
+                            self.hub.to_channel_spare(&channel, frame, &epoch, *offset);
+                        }
+                        self.hub.to_channel_at(&channel, newest, &epoch, *last);
+                    }
+                }
+                Ok(_) => {
+                    // The history this node was following is gone: what it missed of it
+                    // cannot be told apart from what it had. Its subscribers recover.
+                    info!(%channel, "history epoch changed while the subscription was down");
+                    self.hub.lost_at(&channel, &epoch);
+                }
+                Err(e) => {
+                    warn!(%channel, error = %e, "history catch-up failed; subscribers recover at the next message");
+                }
+            }
+        }
+    }
+}
