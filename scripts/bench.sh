@@ -50,6 +50,7 @@ for s in "${scenarios[@]}"; do
       # Find-max: the highest rate with zero loss and p99 <= 500 ms.
       findmax=(-s 10000 -p 1 --payload-size 100 --find-max -r "${FANOUT_START:-60}" --step-factor 1.2
         --refine 2 --duration 5s --p99-bound 500ms)
+      rm -f "$out"/fanout-*.txt
       for round in $(seq 1 "${FANOUT_ROUNDS:-5}"); do
         p=$(free_port); node "$p"
         run "fanout-saturated-pushgate-$round" $B fanout --url "ws://127.0.0.1:$p/ws" "${saturated[@]}"
