@@ -49,16 +49,19 @@ pub(crate) enum RequestKind {
     Refresh { token: String },
 }
 
+/// A subscription the application asks for.
+pub(crate) struct SubscribeRequest {
+    pub channel: String,
+    pub key: u64,
+    pub tx: mpsc::Sender<Delivery>,
+    pub shared: Arc<Shared>,
+    /// A position the application kept, to subscribe from.
+    pub since: Option<Position>,
+    pub done: Done,
+}
+
 pub(crate) enum Command {
-    Subscribe {
-        channel: String,
-        key: u64,
-        tx: mpsc::Sender<Delivery>,
-        shared: Arc<Shared>,
-        /// A position the application kept, to subscribe from.
-        since: Option<Position>,
-        done: Done,
-    },
+    Subscribe(SubscribeRequest),
     Unsubscribe {
         channel: String,
         key: u64,
@@ -497,8 +500,8 @@ impl Driver {
                     Some(Command::Request { done, .. }) => {
                         let _ = done.send(Err(Error::NotConnected));
                     }
-                    Some(Command::Subscribe { channel, key, tx, shared, since, done }) => {
-                        self.add_sub(channel, key, tx, shared, since, done);
+                    Some(Command::Subscribe(request)) => {
+                        self.add_sub(request);
                     }
                     Some(Command::Unsubscribe { channel, key, done }) => {
                         self.remove_sub(&channel, key);
@@ -512,15 +515,15 @@ impl Driver {
     }
 
     /// Registers a subscription; false if the channel is already held.
-    fn add_sub(
-        &mut self,
-        channel: String,
-        key: u64,
-        tx: mpsc::Sender<Delivery>,
-        shared: Arc<Shared>,
-        since: Option<Position>,
-        done: Done,
-    ) -> bool {
+    fn add_sub(&mut self, request: SubscribeRequest) -> bool {
+        let SubscribeRequest {
+            channel,
+            key,
+            tx,
+            shared,
+            since,
+            done,
+        } = request;
         if let Some(existing) = self.subs.get(&channel)
             && !existing.tx.is_closed()
         {
@@ -713,15 +716,9 @@ impl Driver {
         command: Command,
     ) -> Result<(), Outcome> {
         match command {
-            Command::Subscribe {
-                channel,
-                key,
-                tx,
-                shared,
-                since,
-                done,
-            } => {
-                if self.add_sub(channel.clone(), key, tx, shared, since, done) {
+            Command::Subscribe(request) => {
+                let channel = request.channel.clone();
+                if self.add_sub(request) {
                     self.send_subscribe(ws, pending, &channel).await?;
                 }
                 Ok(())

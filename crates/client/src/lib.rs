@@ -133,7 +133,7 @@ pub use error::{CloseReason, Error};
 pub use pushgate_protocol::server::{Delivery, Position};
 pub use pushgate_protocol::{ErrorCode, close};
 
-use driver::{Command, Driver, RequestKind};
+use driver::{Command, Driver, RequestKind, SubscribeRequest};
 
 /// Errors a token source may return.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -616,14 +616,14 @@ impl Client {
         let (done, reply) = oneshot::channel();
         let key = NEXT_SUBSCRIPTION.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(Shared::default());
-        self.send(Command::Subscribe {
+        self.send(Command::Subscribe(SubscribeRequest {
             channel: channel.to_owned(),
             key,
             tx,
             shared: shared.clone(),
             since,
             done,
-        })
+        }))
         .await?;
         let mut subscription = Subscription {
             channel: channel.to_owned(),

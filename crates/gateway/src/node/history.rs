@@ -34,13 +34,7 @@ impl Node {
                 (offset, epoch)
             }
             Broker::Redis(redis) => {
-                let envelope = Envelope {
-                    id: Some(id.as_str().into()),
-                    ts: Some(ts),
-                    from: out.from.map(Into::into),
-                    origin: Some((*self.instance).into()),
-                    data: out.data,
-                };
+                let envelope = out.envelope(&id, ts, &self.instance);
                 let (offset, epoch) = redis
                     .publish_history(
                         &self.topics.history(channel),

@@ -102,6 +102,21 @@ impl<'a> Outgoing<'a> {
             data: self.data,
         }
     }
+
+    /// What goes to Redis for this message: the same ID and time, and the node it came from
+    /// (so that node skips its echo).
+    fn envelope<'m>(&self, id: &'m str, ts: u64, origin: &'m str) -> Envelope<'m>
+    where
+        'a: 'm,
+    {
+        Envelope {
+            id: Some(id.into()),
+            ts: Some(ts),
+            from: self.from.map(Into::into),
+            origin: Some(origin.into()),
+            data: self.data,
+        }
+    }
 }
 
 /// A published message: its ID and, on a history channel, its offset and epoch.
@@ -271,13 +286,7 @@ impl Node {
         let (id, ts) = (Uuid::now_v7().to_string(), unix_millis());
         let m = out.message(&id, ts);
         self.deliver_locally(&m);
-        let envelope = Envelope {
-            id: Some(id.as_str().into()),
-            ts: Some(ts),
-            from: out.from.map(Into::into),
-            origin: Some((*self.instance).into()),
-            data: out.data,
-        };
+        let envelope = out.envelope(&id, ts, &self.instance);
         let (topic, payload) = match out.target {
             Target::Channel(c) => (self.topics.channel(c), envelope.encode()),
             Target::User(u) => (self.topics.user(u), envelope.encode()),

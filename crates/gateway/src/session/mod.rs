@@ -517,4 +517,14 @@ where
     async fn error(&mut self, id: Option<u64>, code: ErrorCode, message: &str) -> Result<(), Stop> {
         self.reply(encode_error(id, code, message)).await
     }
+
+    /// The reply to request `id` when the broker could not serve it.
+    async fn unavailable(&mut self, id: u64) -> Result<(), Stop> {
+        self.error(
+            Some(id),
+            ErrorCode::Unavailable,
+            "broker unavailable; retry later",
+        )
+        .await
+    }
 }

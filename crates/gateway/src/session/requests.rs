@@ -212,12 +212,7 @@ where
         if let Err(e) = node.broker.subscribe(&node.topics.channel(channel)).await {
             node.hub.leave(channel, self.handle.id);
             debug!(error = %e, channel, "subscribe failed");
-            self.error(
-                Some(id),
-                ErrorCode::Unavailable,
-                "broker unavailable; retry later",
-            )
-            .await?;
+            self.unavailable(id).await?;
             return Ok(false);
         }
         let (reply, recovered) = match node.policy.history(channel) {
@@ -252,12 +247,7 @@ where
                         node.hub.leave(channel, self.handle.id);
                         node.broker.release(&node.topics.channel(channel));
                         debug!(error = %e, channel, "history read failed");
-                        self.error(
-                            Some(id),
-                            ErrorCode::Unavailable,
-                            "broker unavailable; retry later",
-                        )
-                        .await?;
+                        self.unavailable(id).await?;
                         return Ok(false);
                     }
                 };
@@ -315,12 +305,7 @@ where
             Ok(clients) => self.reply(encode_presence(id, channel, &clients)).await,
             Err(e) => {
                 debug!(error = %e, channel, "presence read failed");
-                self.error(
-                    Some(id),
-                    ErrorCode::Unavailable,
-                    "broker unavailable; retry later",
-                )
-                .await
+                self.unavailable(id).await
             }
         }
     }
