@@ -2,6 +2,7 @@
 //!
 //!     cargo bench -p pushgate --bench hot_paths
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use divan::{Bencher, black_box};
@@ -86,8 +87,12 @@ fn fan_out_to_10k_queues(bencher: Bencher) {
     let frame = Frame::from(encode_message_frame());
     bencher.bench_local(|| {
         let delivered = hub.to_channel("room:1", || frame.clone());
+        // As each session's task does: take the queue as a batch.
+        let mut batch = VecDeque::new();
         for s in &sessions {
-            black_box(s.next_frame());
+            s.take_batch(&mut batch, 64);
+            black_box(batch.pop_front());
+            batch.clear();
         }
         delivered
     });

@@ -129,6 +129,7 @@ impl SessionHandle {
     }
 
     /// The next queued delivery, if any.
+    #[cfg(test)]
     pub fn next_entry(&self) -> Option<Queued> {
         let mut queue = self.queue();
         let entry = queue.pop_front();
@@ -150,6 +151,7 @@ impl SessionHandle {
     }
 
     /// The next queued frame, if any (without its tag).
+    #[cfg(test)]
     pub fn next_frame(&self) -> Option<Frame> {
         self.next_entry().map(|q| q.frame)
     }
