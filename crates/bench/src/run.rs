@@ -56,6 +56,25 @@ struct Workers {
 }
 
 impl Workers {
+    /// Starts one worker per job, each signing in as `target` says.
+    async fn spread(
+        target: &Target,
+        procs: u32,
+        jobs: impl IntoIterator<Item = Job>,
+    ) -> anyhow::Result<Self> {
+        let specs = jobs
+            .into_iter()
+            .enumerate()
+            .map(|(i, job)| Spec {
+                index: i as u32,
+                token: target.token.clone(),
+                channel: target.channel.clone(),
+                job,
+            })
+            .collect();
+        Self::start(specs, procs).await
+    }
+
     /// Starts one worker per spec: in this process for a single spec with `--procs 1`, else as
     /// child processes. Waits until each is ready for `go`.
     async fn start(specs: Vec<Spec>, procs: u32) -> anyhow::Result<Self> {
@@ -210,22 +229,15 @@ pub async fn idle(
     warn_server_fds(server_pid, n);
     let before = rss::probe(rss_source).await?;
     let concurrency = (load.concurrency / procs as usize).max(1);
-    let specs = split(n, procs)
+    let jobs = split(n, procs)
         .into_iter()
-        .enumerate()
-        .map(|(i, (first, connections))| Spec {
-            index: i as u32,
-            token: target.token.clone(),
-            channel: target.channel.clone(),
-            job: Job::Idle {
-                url: url.to_owned(),
-                connections,
-                first,
-                concurrency,
-            },
-        })
-        .collect();
-    let mut workers = Workers::start(specs, procs).await?;
+        .map(|(first, connections)| Job::Idle {
+            url: url.to_owned(),
+            connections,
+            first,
+            concurrency,
+        });
+    let mut workers = Workers::spread(target, procs, jobs).await?;
     eprintln!("pushgate-bench: opening {n} connections to {url}");
     let start = Instant::now();
     workers.send_all(&Cmd::Go).await?;
@@ -353,22 +365,13 @@ pub async fn connect(target: &Target, url: &str, load: &ConnectLoad) -> anyhow::
     };
     let shares = split(concurrency as u64, procs);
     let counts = load.count.map(|c| split(c, procs));
-    let specs = shares
-        .iter()
-        .enumerate()
-        .map(|(i, &(_, c))| Spec {
-            index: i as u32,
-            token: target.token.clone(),
-            channel: target.channel.clone(),
-            job: Job::Connect {
-                url: url.to_owned(),
-                concurrency: c.max(1) as usize,
-                duration_ms: duration.map(|d| d.as_millis() as u64),
-                count: counts.as_ref().map(|c| c[i].1),
-            },
-        })
-        .collect();
-    let mut workers = Workers::start(specs, procs).await?;
+    let jobs = shares.iter().enumerate().map(|(i, &(_, c))| Job::Connect {
+        url: url.to_owned(),
+        concurrency: c.max(1) as usize,
+        duration_ms: duration.map(|d| d.as_millis() as u64),
+        count: counts.as_ref().map(|c| c[i].1),
+    });
+    let mut workers = Workers::spread(target, procs, jobs).await?;
     eprintln!("pushgate-bench: handshakes against {url}, concurrency {concurrency}");
     workers.send_all(&Cmd::Go).await?;
     let mut hist = stats::new_hist();
@@ -684,24 +687,17 @@ pub async fn fanout(
         );
     }
     let concurrency = (load.concurrency / procs as usize).max(1);
-    let specs = split(s, procs)
+    let jobs = split(s, procs)
         .into_iter()
-        .enumerate()
-        .map(|(i, (first, subscribers))| Spec {
-            index: i as u32,
-            token: target.token.clone(),
-            channel: target.channel.clone(),
-            job: Job::Fanout {
-                urls: urls.to_vec(),
-                subscribers,
-                first,
-                concurrency,
-                publishers: load.publishers,
-                full_decode,
-            },
-        })
-        .collect();
-    let mut workers = Workers::start(specs, procs).await?;
+        .map(|(first, subscribers)| Job::Fanout {
+            urls: urls.to_vec(),
+            subscribers,
+            first,
+            concurrency,
+            publishers: load.publishers,
+            full_decode,
+        });
+    let mut workers = Workers::spread(target, procs, jobs).await?;
     eprintln!(
         "pushgate-bench: connecting {s} subscribers over {} node(s)",
         urls.len()
