@@ -2,7 +2,12 @@
 # Runs the scenarios of BENCHMARKS.md back to back, pushgate then the baseline for each, and
 # keeps every run's output in target/bench/ (one .txt per run; the JSON lines start with '{').
 #
-#   scripts/bench.sh [idle] [connect] [fanout] [cross] [small] [history]   (default: all)
+#   scripts/bench.sh [mission] [idle] [connect] [fanout] [cross] [small] [history]   (default: all)
+#
+# `mission` is the headline: Redis and two nodes, subscribers on both, publishers on the first,
+# for client, API and backend (plain Redis PUBLISH) publishes, against the bare baseline server
+# in the same run. MISSION_WORKERS sets each node's --workers (default 1: two nodes share the
+# machine's two cores); MISSION_SUBS the subscriber counts (default "2000 10000").
 #
 # Run it on a quiet machine: the load generator and the servers share the cores.
 set -euo pipefail
@@ -15,7 +20,7 @@ G=./target/release/pushgate
 out=target/bench
 mkdir -p "$out"
 scenarios=("$@")
-((${#scenarios[@]})) || scenarios=(idle connect fanout cross small history)
+((${#scenarios[@]})) || scenarios=(mission idle connect fanout cross small history)
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_http() { for _ in $(seq 1 200); do curl -fsS "$1" >/dev/null 2>&1 && return; sleep 0.05; done; echo "no answer from $1" >&2; exit 1; }
@@ -28,9 +33,57 @@ node() { # node PORT [flags...]: starts a node, waits for /healthz, records its 
   NODE=$!; pids+=("$NODE"); wait_http "http://127.0.0.1:$port/healthz"
 }
 run() { local name=$1; shift; echo "== $name: $*"; "$@" 2>&1 | tee "$out/$name.txt"; }
+start_redis() { # start_redis: a fresh redis-server on a free port, its port in RP
+  RP=$(free_port)
+  redis-server --port "$RP" --save '' --appendonly no >/dev/null & pids+=($!)
+  for _ in $(seq 1 100); do redis-cli -p "$RP" ping >/dev/null 2>&1 && return; sleep 0.05; done
+  echo "redis-server did not start" >&2; exit 1
+}
 
 for s in "${scenarios[@]}"; do
   case $s in
+    mission)
+      rm -f "$out"/mission-*.txt
+      workers=(--workers "${MISSION_WORKERS:-1}")
+      # find-max: the highest rate with zero loss, no refused publish, on pace, p99 < 250 ms.
+      findmax=(--payload-size 100 --find-max --step-factor 1.25 --refine 3 --duration 5s --p99-bound 250ms)
+      cluster() { # cluster: Redis and nodes n1, n2 (fresh), their URLs in URLS (n1 first)
+        start_redis
+        local flags=(--redis-url "redis://127.0.0.1:$RP/" "${workers[@]}")
+        p1=$(free_port); node "$p1" --instance-id n1 "${flags[@]}"; n1=$NODE
+        p2=$(free_port); node "$p2" --instance-id n2 "${flags[@]}"; n2=$NODE
+        wait_http "http://127.0.0.1:$p1/readyz"; wait_http "http://127.0.0.1:$p2/readyz"
+        URLS="ws://127.0.0.1:$p1/ws,ws://127.0.0.1:$p2/ws"
+      }
+      # Idle memory with Redis: 5,000 connections on each of two fresh nodes, both held open.
+      cluster
+      run mission-idle-n2 $B idle --url "ws://127.0.0.1:$p2/ws" --pid "$n2" -n 5000 -c 64 --hold 60s &
+      idle2=$!
+      run mission-idle-n1 $B idle --url "ws://127.0.0.1:$p1/ws" --pid "$n1" -n 5000 -c 64
+      kill "$idle2" 2>/dev/null || true; wait "$idle2" 2>/dev/null || true
+      cleanup; pids=()
+      for subs in ${MISSION_SUBS:-2000 10000}; do
+        start=$((800000 / subs / 4))
+        for via in ws http redis; do
+          cluster
+          run "mission-$subs-$via" $B fanout --url "$URLS" -s "$subs" -p 1 --via "$via" \
+            --redis-url "redis://127.0.0.1:$RP/" -r "$start" "${findmax[@]}"
+          cleanup; pids=()
+        done
+        run "mission-$subs-baseline" $B baseline fanout -s "$subs" -p 1 -r "$start" "${findmax[@]}"
+      done
+      # A moderate load, where latency is what matters: 25 msg/s to 2,000 subscribers.
+      cluster
+      for via in ws http redis; do
+        run "mission-moderate-$via" $B fanout --url "$URLS" -s 2000 -p 1 --via "$via" \
+          --redis-url "redis://127.0.0.1:$RP/" -r 25 --payload-size 100 --duration 20s
+      done
+      # One publishing connection, pipelined through Redis to a subscriber on the other node.
+      run mission-one-connection $B fanout --url "$URLS" -s 2 -p 1 --via ws -r 2000 "${findmax[@]}" \
+        --max-rate 200000
+      cleanup; pids=()
+      run mission-moderate-baseline $B baseline fanout -s 2000 -p 1 -r 25 --payload-size 100 --duration 20s
+      python3 scripts/mission_summary.py "$out" | tee "$out/mission-summary.txt" ;;
     idle)
       p=$(free_port); node "$p"
       run idle-pushgate $B idle --url "ws://127.0.0.1:$p/ws" --pid "$NODE" -n 15000 -c 64

@@ -534,7 +534,7 @@ pub async fn metric(base: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A handshake the server refused.
 #[derive(Debug)]
@@ -632,6 +632,17 @@ impl Client {
             .send(Message::Text(text.into()))
             .await
             .expect("send");
+    }
+
+    /// The socket's halves, for a test that writes and reads at the same time. Frames already
+    /// read and kept for later are dropped.
+    pub fn split(
+        self,
+    ) -> (
+        futures_util::stream::SplitSink<Socket, Message>,
+        futures_util::stream::SplitStream<Socket>,
+    ) {
+        self.ws.split()
     }
 
     pub async fn send_raw(&mut self, msg: Message) {
@@ -1378,6 +1389,12 @@ struct ProxyState {
 impl TcpProxy {
     /// Listens on a free port of 127.0.0.1 and forwards every connection to `upstream`.
     pub async fn start(upstream: SocketAddr) -> Self {
+        Self::with_delay(upstream, Duration::ZERO).await
+    }
+
+    /// Like [`start`](Self::start), holding every chunk `delay` before forwarding it, in each
+    /// direction: a link with a round trip of twice `delay`, whatever its throughput.
+    pub async fn with_delay(upstream: SocketAddr, delay: Duration) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("binding the proxy");
@@ -1390,6 +1407,7 @@ impl TcpProxy {
                     let Ok(server) = TcpStream::connect(upstream).await else {
                         continue;
                     };
+                    let _ = (client.set_nodelay(true), server.set_nodelay(true));
                     state.opened.fetch_add(1, Ordering::Relaxed);
                     let silent = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
                     state
@@ -1397,7 +1415,7 @@ impl TcpProxy {
                         .lock()
                         .unwrap()
                         .push(std::sync::Arc::downgrade(&silent));
-                    let task = tokio::spawn(Self::forward(client, server, silent));
+                    let task = tokio::spawn(Self::forward(client, server, silent, delay));
                     state.tasks.lock().unwrap().push(task.abort_handle());
                 }
             })
@@ -1410,33 +1428,54 @@ impl TcpProxy {
         client: TcpStream,
         server: TcpStream,
         silent: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        delay: Duration,
+    ) {
+        let (client_read, client_write) = client.into_split();
+        let (server_read, server_write) = server.into_split();
+        let never = std::sync::atomic::AtomicBool::new(false);
+        // Either side closing ends the connection (both halves drop).
+        tokio::select! {
+            _ = Self::pump(client_read, server_write, delay, &never) => {}
+            _ = Self::pump(server_read, client_write, delay, &silent) => {}
+        }
+    }
+
+    /// Copies `from` to `to`, each chunk `delay` after it was read; drops what is read while
+    /// `silent` is set.
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        delay: Duration,
+        silent: &std::sync::atomic::AtomicBool,
     ) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (mut client_read, mut client_write) = client.into_split();
-        let (mut server_read, mut server_write) = server.into_split();
-        let up = async {
-            let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
-        };
-        let down = async {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let read = async move {
             let mut buf = vec![0u8; 16 * 1024];
             loop {
-                let n = match server_read.read(&mut buf).await {
+                let n = match from.read(&mut buf).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
                 };
                 if silent.load(Ordering::Acquire) {
                     continue;
                 }
-                if client_write.write_all(&buf[..n]).await.is_err() {
+                let due = tokio::time::Instant::now() + delay;
+                if tx.send((due, buf[..n].to_vec())).is_err() {
                     return;
                 }
             }
         };
-        // Either side closing ends the connection (both halves drop).
-        tokio::select! {
-            _ = up => {}
-            _ = down => {}
-        }
+        let write = async {
+            while let Some((due, chunk)) = rx.recv().await {
+                tokio::time::sleep_until(due).await;
+                if to.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        };
+        // The reader ending (EOF) still lets what it read go out.
+        tokio::join!(read, write);
     }
 
     /// Connections that were silenced and are still open (neither end has closed them).

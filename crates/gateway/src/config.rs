@@ -151,6 +151,11 @@ pub struct ServeArgs {
     #[arg(long, env = "PUSHGATE_DEV")]
     pub dev: bool,
 
+    /// Runtime worker threads. Default: the CPUs this process may use (its affinity mask and
+    /// cgroup CPU quota). With several nodes on one host, give each its share of the cores.
+    #[arg(long, env = "PUSHGATE_WORKERS", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workers: Option<u32>,
+
     /// Most WebSocket connections this node holds; more get 503.
     #[arg(long, env = "PUSHGATE_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
@@ -174,6 +179,13 @@ pub struct ServeArgs {
     /// Burst size of the per-connection token bucket.
     #[arg(long, env = "PUSHGATE_CLIENT_BURST", default_value_t = 200)]
     pub client_burst: u32,
+    /// Publishes one connection may have waiting on the broker; past this the node reads no more
+    /// of its requests until one is acknowledged.
+    #[arg(long, env = "PUSHGATE_MAX_INFLIGHT", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_inflight: u32,
+    /// Messages queued per Redis publishing connection before publishers wait for room.
+    #[arg(long, env = "PUSHGATE_PUBLISH_QUEUE", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..))]
+    pub publish_queue: u32,
     /// Most channels one connection may subscribe to.
     #[arg(long, env = "PUSHGATE_MAX_CHANNELS", default_value_t = 128)]
     pub max_channels: usize,

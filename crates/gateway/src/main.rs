@@ -117,7 +117,16 @@ fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
         dev_setup(&mut args);
     }
     pushgate::server::raise_open_file_limit(args.max_connections);
-    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    let workers = args.workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, usize::from),
+        |n| n as usize,
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    tracing::info!(workers, "runtime started");
     runtime.block_on(async {
         let server = Server::bind(args).await?;
         server.run(shutdown_signal()).await

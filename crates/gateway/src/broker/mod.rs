@@ -5,13 +5,18 @@
 //! (History channels are the exception with Redis: there every node, the publishing one
 //! included, delivers what comes back from Redis, so that subscribers see offset order.)
 
+mod publisher;
 mod redis;
 
+use std::hash::{Hash, Hasher};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use thiserror::Error;
 
-pub use self::redis::{HistoryEntries, RedisBroker, RedisSettings};
+pub use self::publisher::Reply;
+pub use self::redis::{HistoryEntries, RedisBroker, RedisSettings, parse_position};
 
 /// Receives what other nodes and backends publish.
 pub trait Inbound: Send + Sync + 'static {
@@ -26,7 +31,7 @@ pub trait Inbound: Send + Sync + 'static {
     }
 }
 
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum BrokerError {
     #[error("broker unavailable")]
     Unavailable,
@@ -172,11 +177,41 @@ impl Broker {
         }
     }
 
-    /// Sends `payload` to the other nodes.
-    pub async fn publish(&self, topic: &str, payload: &[u8]) -> Result<(), BrokerError> {
+    /// Hands `payload` to the other nodes: queued at once, in order after what was handed over
+    /// before with the same `lane` key; the returned [`Sent`] resolves when the broker has it.
+    pub async fn send(&self, lane: u64, topic: &str, payload: &[u8]) -> Sent {
         match self {
-            Self::Embedded => Ok(()),
-            Self::Redis(r) => r.publish(topic, payload).await,
+            Self::Embedded => Sent::Done,
+            Self::Redis(r) => Sent::Redis(r.publish(lane, topic, payload).await),
+        }
+    }
+
+    /// Sends `payload` to the other nodes and waits until the broker has it.
+    pub async fn publish(&self, topic: &str, payload: &[u8]) -> Result<(), BrokerError> {
+        self.send(lane_key(topic), topic, payload).await.await
+    }
+}
+
+/// A lane key for callers without an order of their own to keep: spreads them by `what`.
+pub fn lane_key(what: impl Hash) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    what.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// A message handed to the broker; resolves when the broker has it.
+pub enum Sent {
+    Done,
+    Redis(Reply),
+}
+
+impl Future for Sent {
+    type Output = Result<(), BrokerError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Self::Done => Poll::Ready(Ok(())),
+            Self::Redis(reply) => Pin::new(reply).poll(cx).map(|r| r.map(drop)),
         }
     }
 }

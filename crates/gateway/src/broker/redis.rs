@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 use futures_util::StreamExt;
@@ -27,11 +27,15 @@ use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::publisher::{Publisher, Reply, load_library};
 use super::{BrokerError, Inbound, Topics};
 use crate::metrics::Metrics;
 
 /// Most channels named in one SUBSCRIBE or UNSUBSCRIBE.
 const BATCH: usize = 500;
+/// Redis connections that publish. Each keeps its publishers' order; several spread the work of
+/// encoding and parsing replies over the runtime's workers.
+const PUBLISH_LANES: usize = 4;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -55,6 +59,8 @@ pub struct RedisSettings {
     pub probe_interval: Duration,
     /// Load the function library (history or presence is configured).
     pub functions: bool,
+    /// Commands queued per publishing lane before publishers wait.
+    pub publish_queue: usize,
 }
 
 #[derive(Default)]
@@ -68,6 +74,7 @@ struct Entry {
 pub struct RedisBroker {
     client: redis::Client,
     pool: Pool,
+    publisher: Publisher,
     node_topic: String,
     timeout: Duration,
     probe_interval: Duration,
@@ -102,9 +109,19 @@ impl RedisBroker {
         let pool = config
             .create_pool(Some(Runtime::Tokio1))
             .map_err(|e| BrokerError::Redis(e.to_string()))?;
+        let publisher = Publisher::start(
+            client.clone(),
+            PUBLISH_LANES,
+            settings.publish_queue,
+            settings.timeout,
+            settings.functions.then_some(LIBRARY),
+            metrics.clone(),
+            shutdown.clone(),
+        );
         let broker = Arc::new(Self {
             client,
             pool,
+            publisher,
             node_topic: settings.topics.node(&settings.node_id),
             timeout: settings.timeout,
             probe_interval: settings.probe_interval,
@@ -188,29 +205,11 @@ impl RedisBroker {
         }
     }
 
-    pub async fn publish(&self, topic: &str, payload: &[u8]) -> Result<(), BrokerError> {
-        let started = Instant::now();
-        let publish = async {
-            let mut conn = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| BrokerError::Redis(e.to_string()))?;
-            redis::cmd("PUBLISH")
-                .arg(topic)
-                .arg(payload)
-                .query_async::<i64>(&mut conn)
-                .await
-                .map_err(|e| BrokerError::Redis(e.to_string()))
-        };
-        let result = match tokio::time::timeout(self.timeout, publish).await {
-            Ok(r) => r.map(drop),
-            Err(_) => Err(BrokerError::Timeout),
-        };
-        self.metrics
-            .redis_publish_seconds
-            .observe(started.elapsed().as_secs_f64());
-        result
+    /// Queues a `PUBLISH` on the lane of `key`, in order after what was queued there before.
+    pub async fn publish(&self, key: u64, topic: &str, payload: &[u8]) -> Reply {
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(topic).arg(payload);
+        self.publisher.send(key, cmd).await
     }
 
     async fn connection(&self) -> Result<deadpool_redis::Connection, BrokerError> {
@@ -222,18 +221,9 @@ impl RedisBroker {
 
     /// `FUNCTION LOAD REPLACE` of the `pushgate` library.
     pub async fn load_functions(&self) -> Result<(), BrokerError> {
-        let load = async {
-            let mut conn = self.connection().await?;
-            redis::cmd("FUNCTION")
-                .arg("LOAD")
-                .arg("REPLACE")
-                .arg(LIBRARY)
-                .query_async::<redis::Value>(&mut conn)
-                .await
-                .map_err(|e| BrokerError::Redis(e.to_string()))
-        };
+        let load = async { load_library(&mut self.connection().await?, LIBRARY).await };
         match tokio::time::timeout(self.timeout, load).await {
-            Ok(r) => r.map(drop),
+            Ok(r) => r,
             Err(_) => Err(BrokerError::Timeout),
         }
     }
@@ -282,18 +272,20 @@ impl RedisBroker {
         }
     }
 
-    /// `pushgate_publish`: appends `envelope` to a history channel and publishes it on `topic`,
-    /// atomically. Returns the message's offset and the history's epoch.
+    /// Queues a `pushgate_publish` on the lane of `key`: appends `envelope` to a history channel
+    /// and publishes it on `topic`, atomically. The reply holds the message's offset and the
+    /// history's epoch ([`parse_position`]).
+    #[allow(clippy::too_many_arguments)]
     pub async fn publish_history(
         &self,
+        key: u64,
         stream: &str,
         meta: &str,
         topic: &str,
         envelope: &[u8],
         size: u64,
         ttl_ms: u64,
-    ) -> Result<(u64, String), BrokerError> {
-        let started = Instant::now();
+    ) -> Reply {
         let mut cmd = redis::cmd("FCALL");
         cmd.arg("pushgate_publish")
             .arg(2)
@@ -303,11 +295,7 @@ impl RedisBroker {
             .arg(envelope)
             .arg(size)
             .arg(ttl_ms);
-        let result = self.fcall::<(u64, String)>(&cmd).await;
-        self.metrics
-            .redis_publish_seconds
-            .observe(started.elapsed().as_secs_f64());
-        result
+        self.publisher.send(key, cmd).await
     }
 
     /// `pushgate_history`: the epoch and last offset of a history channel (a new epoch if it
@@ -412,6 +400,7 @@ impl RedisBroker {
                 Ok(Ok(pubsub)) => {
                     if connected_before {
                         info!("redis subscriber reconnected");
+                        self.publisher.reconnect();
                     }
                     let reconnect = connected_before;
                     connected_before = true;
@@ -534,8 +523,12 @@ impl RedisBroker {
             let probe = NodeMessage::Probe {
                 nonce: n.to_string().into(),
             };
-            match self.publish(&self.node_topic, &probe.encode()).await {
-                Ok(()) => sent = Some(n),
+            match self
+                .publish(n, &self.node_topic, &probe.encode())
+                .await
+                .await
+            {
+                Ok(_) => sent = Some(n),
                 Err(e) => {
                     self.metrics.redis_probe_failures.inc();
                     warn!(error = %e, "redis liveness probe could not be sent; reconnecting");
@@ -599,6 +592,12 @@ impl RedisBroker {
             Err(_) => Err(BrokerError::Timeout),
         }
     }
+}
+
+/// The `(offset, epoch)` of a `pushgate_publish` reply.
+pub fn parse_position(value: redis::Value) -> Result<(u64, String), BrokerError> {
+    redis::from_redis_value(value)
+        .map_err(|e| BrokerError::Redis(format!("unexpected pushgate_publish reply: {e}")))
 }
 
 fn is_missing_function(e: &redis::RedisError) -> bool {

@@ -9,21 +9,22 @@ use pushgate_protocol::{Envelope, Target};
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use super::{Node, Outgoing, Published, received, unix_millis};
+use super::{Node, Outgoing, Submitted, Wait, received, unix_millis};
 use crate::broker::{Broker, BrokerError};
 use crate::history::{HistoryRead, HistoryRule};
 use crate::hub::Frame;
 
 impl Node {
-    pub(super) async fn publish_history(
+    pub(super) async fn submit_history(
         &self,
         channel: &str,
         rule: &HistoryRule,
         out: Outgoing<'_>,
-    ) -> Result<Published, BrokerError> {
+        lane: u64,
+    ) -> Submitted {
         let (id, ts) = (Uuid::now_v7().to_string(), unix_millis());
         let m = out.message(&id, ts);
-        let (offset, epoch) = match &self.broker {
+        match &self.broker {
             Broker::Embedded => {
                 let (offset, epoch, _) = self.memory.publish(
                     channel,
@@ -31,12 +32,13 @@ impl Node {
                     |offset, epoch| self.encode_at(&m, offset, epoch),
                     |frame, offset, epoch| self.hub.to_channel_at(channel, frame, epoch, offset),
                 );
-                (offset, epoch)
+                Submitted::done(id, Ok(Some((offset, epoch))))
             }
             Broker::Redis(redis) => {
                 let envelope = out.envelope(&id, ts, &self.instance);
-                let (offset, epoch) = redis
+                let reply = redis
                     .publish_history(
+                        lane,
                         &self.topics.history(channel),
                         &self.topics.meta(channel),
                         &self.topics.channel(channel),
@@ -44,14 +46,13 @@ impl Node {
                         rule.size,
                         rule.ttl_ms(),
                     )
-                    .await?;
-                (offset, epoch.into())
+                    .await;
+                Submitted {
+                    id,
+                    wait: Wait::History(reply),
+                }
             }
-        };
-        Ok(Published {
-            id,
-            position: Some((offset, epoch)),
-        })
+        }
     }
 
     pub(super) fn encode_at(&self, m: &MessageRef<'_>, offset: u64, epoch: &str) -> Frame {

@@ -2,7 +2,9 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pushgate_protocol::envelope::{EnvelopeError, NodeStats, Stamp};
@@ -17,7 +19,10 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::auth::Verifier;
-use crate::broker::{Broker, BrokerError, Inbound, RedisBroker, RedisSettings, Topic, Topics};
+use crate::broker::{
+    Broker, BrokerError, Inbound, RedisBroker, RedisSettings, Reply, Sent, Topic, Topics, lane_key,
+    parse_position,
+};
 use crate::config::ServeArgs;
 use crate::history::{MemoryHistory, Policy};
 use crate::hub::{Frame, Hub};
@@ -119,6 +124,46 @@ impl<'a> Outgoing<'a> {
     }
 }
 
+/// A message submitted to the broker: resolves to the published message once the broker has it.
+pub struct Submitted {
+    id: String,
+    wait: Wait,
+}
+
+enum Wait {
+    Done(Result<Option<(u64, Arc<str>)>, BrokerError>),
+    Plain(Sent),
+    History(Reply),
+}
+
+impl Submitted {
+    fn done(id: String, position: Result<Option<(u64, Arc<str>)>, BrokerError>) -> Self {
+        Self {
+            id,
+            wait: Wait::Done(position),
+        }
+    }
+}
+
+impl Future for Submitted {
+    type Output = Result<Published, BrokerError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let position = match &mut this.wait {
+            Wait::Done(r) => std::mem::replace(r, Err(BrokerError::Unavailable)),
+            Wait::Plain(sent) => ready!(Pin::new(sent).poll(cx)).map(|()| None),
+            Wait::History(reply) => ready!(Pin::new(reply).poll(cx))
+                .and_then(parse_position)
+                .map(|(offset, epoch)| Some((offset, epoch.into()))),
+        };
+        Poll::Ready(position.map(|position| Published {
+            id: std::mem::take(&mut this.id),
+            position,
+        }))
+    }
+}
+
 /// A published message: its ID and, on a history channel, its offset and epoch.
 #[derive(Debug, Clone)]
 pub struct Published {
@@ -160,6 +205,7 @@ impl Node {
                         timeout: config.redis_timeout,
                         probe_interval: config.redis_probe_interval,
                         functions: policy.needs_functions(),
+                        publish_queue: config.publish_queue as usize,
                     };
                     let inbound: Weak<dyn Inbound> = me.clone();
                     match RedisBroker::start(settings, inbound, metrics.clone(), shutdown.clone()) {
@@ -273,15 +319,30 @@ impl Node {
         self.publish_message(out).await.map(|p| p.id)
     }
 
-    /// Like [`publish`](Self::publish), with the message's position on a history channel. A
-    /// history channel's message goes through history: with Redis, atomically appended and
+    /// Like [`publish`](Self::publish), with the message's position on a history channel.
+    pub async fn publish_message(&self, out: Outgoing<'_>) -> Result<Published, BrokerError> {
+        let lane = match out.target {
+            Target::Channel(c) => lane_key(c),
+            Target::User(u) => lane_key(u),
+            Target::Session(s) => lane_key(s),
+            Target::Broadcast => 0,
+        };
+        self.submit(out, lane).await.await
+    }
+
+    /// Publishes without waiting for the broker: delivers to this node's clients at once and
+    /// queues the message for the other nodes on the broker lane `lane`, in order after what was
+    /// submitted there before. The returned [`Submitted`] resolves when the broker has it; an
+    /// error then means the other nodes may not have it.
+    ///
+    /// A history channel's message goes through history: with Redis, atomically appended and
     /// published by the `pushgate_publish` function, and delivered by every node (this one
     /// included) when Redis hands it back; an error means it was not published at all.
-    pub async fn publish_message(&self, out: Outgoing<'_>) -> Result<Published, BrokerError> {
+    pub async fn submit(&self, out: Outgoing<'_>, lane: u64) -> Submitted {
         if let Target::Channel(channel) = out.target
             && let Some(rule) = self.policy.history(channel)
         {
-            return self.publish_history(channel, rule, out).await;
+            return self.submit_history(channel, rule, out, lane).await;
         }
         let (id, ts) = (Uuid::now_v7().to_string(), unix_millis());
         let m = out.message(&id, ts);
@@ -301,11 +362,14 @@ impl Node {
                     .encode(),
                 ),
                 // Local, or not a session ID at all: nowhere else to send it.
-                _ => return Ok(Published { id, position: None }),
+                _ => return Submitted::done(id, Ok(None)),
             },
         };
-        self.broker.publish(&topic, &payload).await?;
-        Ok(Published { id, position: None })
+        let sent = self.broker.send(lane, &topic, &payload).await;
+        Submitted {
+            id,
+            wait: Wait::Plain(sent),
+        }
     }
 
     /// Closes every connection of `user` on every node.

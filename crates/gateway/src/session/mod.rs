@@ -17,17 +17,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message};
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use std::pin::Pin;
+use std::task::{Poll, ready};
+
+use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use pushgate_protocol::server::{
-    UNSUBSCRIBED_HISTORY_LOST, encode_error, encode_unsubscribed, encode_welcome,
+    UNSUBSCRIBED_HISTORY_LOST, encode_ack, encode_error, encode_unsubscribed, encode_welcome,
 };
 use pushgate_protocol::{ErrorCode, close};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span};
 
 use crate::auth::{Grant, unix_now};
+use crate::broker::BrokerError;
 use crate::hub::{self, Frame, Queued, SessionHandle};
-use crate::node::{Admission, Node};
+use crate::node::{Admission, Node, Published, Submitted};
 
 mod ordering;
 mod requests;
@@ -81,8 +85,62 @@ struct Session<W> {
     sink: W,
     /// Deliveries taken from the handle's queue and not yet written, oldest first.
     batch: VecDeque<Queued>,
+    /// Replies to publishes, oldest first: publishes are acknowledged in the order they came
+    /// in, while the session goes on reading requests (up to `--max-inflight` waiting).
+    inflight: VecDeque<InFlight>,
     /// Serving an SSE stream: no client requests, no heartbeat replies to wait for.
     sse: bool,
+}
+
+/// The reply to one publish.
+enum InFlight {
+    /// Waiting on the broker.
+    Publish {
+        id: u64,
+        history: bool,
+        submitted: Submitted,
+    },
+    /// Decided at once (an error), and queued behind earlier publishes to keep their order.
+    Reply(String),
+}
+
+/// Resolves to the reply to the oldest publish once it is decided; pending while there is none.
+fn next_reply(inflight: &mut VecDeque<InFlight>) -> impl Future<Output = String> + '_ {
+    std::future::poll_fn(move |cx| {
+        let text = match inflight.front_mut() {
+            None => return Poll::Pending,
+            Some(InFlight::Reply(text)) => std::mem::take(text),
+            Some(InFlight::Publish {
+                id,
+                history,
+                submitted,
+            }) => publish_reply(*id, *history, ready!(Pin::new(submitted).poll(cx))),
+        };
+        inflight.pop_front();
+        Poll::Ready(text)
+    })
+}
+
+fn publish_reply(id: u64, history: bool, result: Result<Published, BrokerError>) -> String {
+    match result {
+        Ok(_) => encode_ack(id),
+        Err(e) if history => {
+            debug!(error = %e, "history publish failed");
+            encode_error(
+                Some(id),
+                ErrorCode::Unavailable,
+                "broker unavailable; not published",
+            )
+        }
+        Err(e) => {
+            debug!(error = %e, "publish reached this node only");
+            encode_error(
+                Some(id),
+                ErrorCode::Unavailable,
+                "broker unavailable: delivered on this node only",
+            )
+        }
+    }
 }
 
 /// What an SSE stream subscribes to.
@@ -173,6 +231,7 @@ impl<W> Session<W> {
             channels: Vec::new(),
             sink,
             batch: VecDeque::new(),
+            inflight: VecDeque::new(),
             sse,
         }
     }
@@ -272,14 +331,18 @@ where
         let timer = tokio::time::sleep_until(next_ping.min(expires));
         tokio::pin!(timer);
         let handle = self.handle.clone();
+        let max_inflight = self.node.config.max_inflight as usize;
         loop {
+            // A connection with its most publishes in flight is not read until one is answered.
+            let reading = self.inflight.len() < max_inflight;
             let result = tokio::select! {
                 biased;
                 () = handle.woken() => match handle.close_code() {
                     Some(code) => Err(Stop::Close(code)),
                     None => self.write_queued().await,
                 },
-                incoming = stream.next() => match incoming {
+                reply = next_reply(&mut self.inflight) => self.write_replies(reply).await,
+                incoming = stream.next(), if reading => match incoming {
                     Some(Ok(msg)) => {
                         last_heard = Instant::now();
                         // Boxed: request handling (publish, subscribe) holds large futures
@@ -454,6 +517,15 @@ where
         Ok(())
     }
 
+    /// Writes `first` and every other publish reply already decided, and flushes once.
+    async fn write_replies(&mut self, first: String) -> Result<(), Stop> {
+        let mut replies = vec![Frame::from(first)];
+        while let Some(reply) = next_reply(&mut self.inflight).now_or_never() {
+            replies.push(reply.into());
+        }
+        self.write_frames(None, replies.into_iter()).await
+    }
+
     /// Writes `first` (a reply) and then `frames`, and flushes once.
     async fn write_frames(
         &mut self,
@@ -483,6 +555,20 @@ where
         R: Stream<Item = Result<Message, E>> + Unpin,
     {
         debug!(code, "closing");
+        if code != close::SLOW_CONSUMER && !self.inflight.is_empty() {
+            // Publishes already handed to the broker get their replies before the close.
+            let inflight = &mut self.inflight;
+            let decided = async {
+                let mut replies = Vec::with_capacity(inflight.len());
+                while !inflight.is_empty() {
+                    replies.push(Frame::from(next_reply(inflight).await));
+                }
+                replies
+            };
+            if let Ok(replies) = tokio::time::timeout(CLOSE_TIMEOUT, decided).await {
+                let _ = self.write_frames(None, replies.into_iter()).await;
+            }
+        }
         let frame = CloseFrame {
             code,
             reason: close::reason(code).into(),

@@ -5,15 +5,15 @@ use std::sync::Arc;
 use axum::extract::ws::Message;
 use futures_util::Sink;
 use pushgate_protocol::server::{
-    UNSUBSCRIBED_REVOKED, encode_ack, encode_pong, encode_presence, encode_subscribed,
-    encode_unsubscribed,
+    UNSUBSCRIBED_REVOKED, encode_ack, encode_error, encode_pong, encode_presence,
+    encode_subscribed, encode_unsubscribed,
 };
 use pushgate_protocol::{ClientFrame, ErrorCode, Target, validate_channel};
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::ordering::{Resume, Sub, Track, recoverable};
-use super::{Session, Stop};
+use super::{InFlight, Session, Stop};
 use crate::history::HistoryRead;
 use crate::node::Outgoing;
 
@@ -58,13 +58,15 @@ where
         );
         if !self.bucket.take(rate, burst) {
             self.node.metrics.drops.rate_limited.inc();
-            return self
-                .error(
-                    Some(frame.id()),
-                    ErrorCode::RateLimited,
-                    "too many requests; slow down",
-                )
-                .await;
+            let reply = encode_error(
+                Some(frame.id()),
+                ErrorCode::RateLimited,
+                "too many requests; slow down",
+            );
+            return match frame {
+                ClientFrame::Publish { .. } => self.publish_refused(reply).await,
+                _ => self.reply(reply).await,
+            };
         }
         match frame {
             ClientFrame::Subscribe { id, channel, since } => {
@@ -78,18 +80,17 @@ where
             ClientFrame::Presence { id, channel } => self.presence(id, &channel).await,
             ClientFrame::Publish { id, channel, data } => {
                 if let Err(e) = validate_channel(&channel) {
-                    return self
-                        .error(Some(id), ErrorCode::BadRequest, &format!("channel {e}"))
-                        .await;
+                    let reply =
+                        encode_error(Some(id), ErrorCode::BadRequest, &format!("channel {e}"));
+                    return self.publish_refused(reply).await;
                 }
                 if !self.grant.publish.allows(&channel) {
-                    return self
-                        .error(
-                            Some(id),
-                            ErrorCode::Forbidden,
-                            "token does not grant publish on this channel",
-                        )
-                        .await;
+                    let reply = encode_error(
+                        Some(id),
+                        ErrorCode::Forbidden,
+                        "token does not grant publish on this channel",
+                    );
+                    return self.publish_refused(reply).await;
                 }
                 self.node.metrics.messages_in.client.inc();
                 let out = Outgoing {
@@ -97,27 +98,17 @@ where
                     from: Some(&self.grant.user),
                     data,
                 };
-                match self.node.publish(out).await {
-                    Ok(_) => self.reply(encode_ack(id)).await,
-                    Err(e) if self.node.policy.history(&channel).is_some() => {
-                        debug!(error = %e, "history publish failed");
-                        self.error(
-                            Some(id),
-                            ErrorCode::Unavailable,
-                            "broker unavailable; not published",
-                        )
-                        .await
-                    }
-                    Err(e) => {
-                        debug!(error = %e, "publish reached this node only");
-                        self.error(
-                            Some(id),
-                            ErrorCode::Unavailable,
-                            "broker unavailable: delivered on this node only",
-                        )
-                        .await
-                    }
-                }
+                // The session's own lane keeps its publishes in order; the reply comes when
+                // the broker has the message, while the session goes on reading.
+                let lane = self.handle.id.as_u64_pair().0;
+                let submitted = self.node.submit(out, lane).await;
+                let history = self.node.policy.history(&channel).is_some();
+                self.inflight.push_back(InFlight::Publish {
+                    id,
+                    history,
+                    submitted,
+                });
+                Ok(())
             }
             ClientFrame::Ping { id } => self.reply(encode_pong(id)).await,
             ClientFrame::Refresh { id, token } => match self.node.verifier.verify(&token) {
@@ -153,8 +144,16 @@ where
         }
     }
 
-    /// Subscribes, answers, and on a history channel sends what `resume` asks to recover.
-    /// Returns whether the connection is subscribed.
+    /// Answers a publish refused at once: in turn after the replies to earlier publishes.
+    async fn publish_refused(&mut self, reply: String) -> Result<(), Stop> {
+        if self.inflight.is_empty() {
+            self.reply(reply).await
+        } else {
+            self.inflight.push_back(InFlight::Reply(reply));
+            Ok(())
+        }
+    }
+
     /// Why this connection may not read `channel` (subscribe, presence), if it may not.
     pub(super) fn may_read(&self, channel: &str) -> Option<(ErrorCode, String)> {
         if let Err(e) = validate_channel(channel) {
@@ -169,6 +168,8 @@ where
         None
     }
 
+    /// Subscribes, answers, and on a history channel sends what `resume` asks to recover.
+    /// Returns whether the connection is subscribed.
     pub(super) async fn subscribe(
         &mut self,
         id: u64,

@@ -1,0 +1,241 @@
+//! Ordered, pipelined commands to Redis: what a node publishes.
+//!
+//! A few lanes, each one Redis connection fed by a bounded queue. A lane takes whatever has
+//! queued since its last round trip and sends it as one pipeline, so under load one round trip
+//! carries many messages, and a caller never waits on Redis to hand over its next message.
+//! Order is kept per lane: Redis runs one connection's commands in the order they arrive, and a
+//! lane has one batch in flight at a time. Callers that need their messages in order (one
+//! client connection) always use the same lane key.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use redis::Value;
+use redis::aio::MultiplexedConnection;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::BrokerError;
+use crate::metrics::Metrics;
+
+/// Most commands in one pipeline.
+const MAX_BATCH: usize = 512;
+
+struct Job {
+    cmd: redis::Cmd,
+    queued: Instant,
+    reply: oneshot::Sender<Result<Value, BrokerError>>,
+}
+
+/// The reply to one command sent through a lane.
+pub struct Reply(oneshot::Receiver<Result<Value, BrokerError>>);
+
+impl Future for Reply {
+    type Output = Result<Value, BrokerError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // A lane that ended (shutdown) drops its queue: nothing was or will be sent.
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(BrokerError::Unavailable)))
+    }
+}
+
+pub struct Publisher {
+    lanes: Box<[mpsc::Sender<Job>]>,
+    /// Bumped when Redis was found gone and back: lanes drop connections made before.
+    generation: Arc<AtomicU64>,
+}
+
+/// What every lane needs.
+struct Lane {
+    client: redis::Client,
+    timeout: Duration,
+    /// The `pushgate` function library, loaded again when Redis has lost it.
+    library: Option<&'static str>,
+    metrics: Arc<Metrics>,
+    generation: Arc<AtomicU64>,
+}
+
+impl Publisher {
+    /// Starts `lanes` lane tasks with queues of `depth` commands each; they end at `shutdown`.
+    pub fn start(
+        client: redis::Client,
+        lanes: usize,
+        depth: usize,
+        timeout: Duration,
+        library: Option<&'static str>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let generation = Arc::new(AtomicU64::new(0));
+        let lane = Arc::new(Lane {
+            client,
+            timeout,
+            library,
+            metrics,
+            generation: generation.clone(),
+        });
+        let lanes = (0..lanes.max(1))
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(depth.max(1));
+                tokio::spawn(lane.clone().run(rx, shutdown.clone()));
+                tx
+            })
+            .collect();
+        Self { lanes, generation }
+    }
+
+    /// Redis restarted or the network between was cut: connections made before now are dead
+    /// even if no command has found out yet, so each lane connects again for its next batch.
+    pub fn reconnect(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Queues `cmd` on the lane of `key`, after everything queued there before it. Waits only
+    /// while that lane's queue is full (back-pressure), never for Redis's reply: that is what
+    /// the returned [`Reply`] resolves to.
+    pub async fn send(&self, key: u64, cmd: redis::Cmd) -> Reply {
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            cmd,
+            queued: Instant::now(),
+            reply,
+        };
+        let lane = &self.lanes[(key % self.lanes.len() as u64) as usize];
+        if let Err(mpsc::error::SendError(job)) = lane.send(job).await {
+            let _ = job.reply.send(Err(BrokerError::Unavailable));
+        }
+        Reply(rx)
+    }
+}
+
+impl Lane {
+    async fn run(self: Arc<Self>, mut queue: mpsc::Receiver<Job>, shutdown: CancellationToken) {
+        let mut conn = None;
+        let mut jobs = Vec::with_capacity(MAX_BATCH);
+        loop {
+            let n = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                n = queue.recv_many(&mut jobs, MAX_BATCH) => n,
+            };
+            if n == 0 {
+                return;
+            }
+            // A lane without a connection connects for its next batch: while Redis is down,
+            // each batch fails on its own connect (at once when refused, within the timeout
+            // when unreachable).
+            let batch = self.batch(&mut conn, &jobs);
+            let replies = match tokio::time::timeout(self.timeout, batch).await {
+                Ok(r) => r,
+                Err(_) => Err(BrokerError::Timeout),
+            };
+            if let Err(e) = &replies {
+                debug!(error = %e, commands = jobs.len(), "redis pipeline failed");
+                // The connection's state is unknown (a reply may be half read): start over.
+                conn = None;
+            }
+            let mut replies = replies.map(Vec::into_iter);
+            for job in jobs.drain(..) {
+                let reply = match &mut replies {
+                    Ok(values) => values
+                        .next()
+                        .map_or(Err(BrokerError::Unavailable), into_result),
+                    Err(e) => Err(e.clone()),
+                };
+                self.metrics
+                    .redis_publish_seconds
+                    .observe(job.queued.elapsed().as_secs_f64());
+                let _ = job.reply.send(reply);
+            }
+        }
+    }
+
+    /// Sends `jobs` as one pipeline and returns one reply each. Commands that failed because
+    /// Redis lost the function library (a restarted or flushed Redis) run again after it is
+    /// loaded.
+    async fn batch(
+        &self,
+        conn: &mut Option<(u64, MultiplexedConnection)>,
+        jobs: &[Job],
+    ) -> Result<Vec<Value>, BrokerError> {
+        let generation = self.generation.load(Ordering::Acquire);
+        if conn.as_ref().is_some_and(|(g, _)| *g != generation) {
+            *conn = None;
+        }
+        let (_, conn) = match conn {
+            Some(c) => c,
+            None => conn.insert((
+                generation,
+                self.client
+                    .get_multiplexed_async_connection_with_config(
+                        &redis::AsyncConnectionConfig::new()
+                            .set_connection_timeout(Some(self.timeout))
+                            .set_response_timeout(Some(self.timeout)),
+                    )
+                    .await
+                    .map_err(redis_error)?,
+            )),
+        };
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for job in jobs {
+            pipe.add_command(job.cmd.clone());
+        }
+        let mut values: Vec<Value> = pipe.query_async(conn).await.map_err(redis_error)?;
+        if values.len() != jobs.len() {
+            return Err(BrokerError::Redis("pipeline reply count mismatch".into()));
+        }
+        let missing: Vec<usize> = (values.iter().enumerate())
+            .filter(|(_, v)| is_missing_function(v))
+            .map(|(i, _)| i)
+            .collect();
+        if let (Some(library), false) = (self.library, missing.is_empty()) {
+            warn!("redis lost the pushgate function library; loading it again");
+            load_library(conn, library).await?;
+            let mut again = redis::pipe();
+            again.ignore_errors();
+            for &i in &missing {
+                again.add_command(jobs[i].cmd.clone());
+            }
+            let retried: Vec<Value> = again.query_async(conn).await.map_err(redis_error)?;
+            for (i, value) in missing.into_iter().zip(retried) {
+                values[i] = value;
+            }
+        }
+        Ok(values)
+    }
+}
+
+/// `FUNCTION LOAD REPLACE` of `library` on `conn`.
+pub async fn load_library(
+    conn: &mut impl redis::aio::ConnectionLike,
+    library: &str,
+) -> Result<(), BrokerError> {
+    redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(library)
+        .query_async::<Value>(conn)
+        .await
+        .map(drop)
+        .map_err(redis_error)
+}
+
+fn into_result(value: Value) -> Result<Value, BrokerError> {
+    match value {
+        Value::ServerError(e) => Err(BrokerError::Redis(e.to_string())),
+        v => Ok(v),
+    }
+}
+
+fn is_missing_function(value: &Value) -> bool {
+    matches!(value, Value::ServerError(e) if e.to_string().contains("Function not found"))
+}
+
+pub fn redis_error(e: redis::RedisError) -> BrokerError {
+    BrokerError::Redis(e.to_string())
+}

@@ -1,0 +1,62 @@
+"""Summarises `scripts/bench.sh mission`: for each subscriber count, the highest zero-loss rate with
+p99 < 250 ms for client, API and backend publishes on 2 nodes + Redis against the baseline; the
+moderate-load latencies; one connection's publish rate; idle memory per connection."""
+
+import json
+import os
+import sys
+
+
+def load(out, name):
+    path = f"{out}/mission-{name}.txt"
+    if not os.path.exists(path):
+        return None
+    for line in open(path):
+        if line.startswith("{"):
+            return json.loads(line)
+    return None
+
+
+def main(out):
+    subs_seen = sorted(
+        {int(f.split("-")[1]) for f in os.listdir(out) if f.startswith("mission-") and f.split("-")[1].isdigit()}
+    )
+    print("highest rate with zero loss and p99 < 250 ms (2 nodes + Redis, publisher on n1):")
+    for subs in subs_seen:
+        base = load(out, f"{subs}-baseline")
+        base_dps = (base or {}).get("max_ok_deliveries_per_sec") or 0.0
+        print(f"  {subs} subscribers: baseline (1 process) {base_dps:,.0f} deliveries/s")
+        for via in ("ws", "http", "redis"):
+            r = load(out, f"{subs}-{via}")
+            if r is None:
+                continue
+            dps = r.get("max_ok_deliveries_per_sec") or 0.0
+            rate = r.get("max_ok_rate") or 0.0
+            share = dps / base_dps if base_dps else 0.0
+            print(f"    via {via:<5} {rate:>8,.0f} msg/s  {dps:>10,.0f} deliveries/s  {share:.2f}x baseline")
+    print("moderate load, 25 msg/s x 2,000 subscribers (latency ms):")
+    for name in ("ws", "http", "redis", "baseline"):
+        r = load(out, f"moderate-{name}")
+        if r is None:
+            continue
+        res = r["result"]
+        lat = res["latency"]
+        print(
+            f"  {name:<8} p50 {lat['p50_ms']:.2f}  p99 {lat['p99_ms']:.2f}  max {lat['max_ms']:.2f}"
+            f"  loss {res['loss']}"
+        )
+    r = load(out, "one-connection")
+    if r is not None:
+        print(
+            f"one publishing connection: {r.get('max_ok_rate') or 0:,.0f} msg/s in order, zero loss, p99 < 250 ms"
+        )
+    for n in ("n1", "n2"):
+        r = load(out, f"idle-{n}")
+        if r is not None:
+            print(
+                f"idle {n}: {r['rss_per_connection_bytes'] / 1024:.2f} KiB per connection at {r['opened']} connections"
+            )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
