@@ -2,12 +2,21 @@
 # Runs the scenarios of BENCHMARKS.md back to back, pushgate then the baseline for each, and
 # keeps every run's output in target/bench/ (one .txt per run; the JSON lines start with '{').
 #
-#   scripts/bench.sh [mission] [idle] [connect] [fanout] [cross] [small] [history]   (default: all)
+#   scripts/bench.sh [mission] [idle] [connect] [fanout] [cross] [small] [history] [socketio] [scale]
+#                                                          (default: all but socketio and scale)
 #
 # `mission` is the headline: Redis and two nodes, subscribers on both, publishers on the first,
 # for client, API and backend (plain Redis PUBLISH) publishes, against the bare baseline server
 # in the same run. MISSION_WORKERS sets each node's --workers (default 1: two nodes share the
 # machine's two cores); MISSION_SUBS the subscriber counts (default "2000 10000").
+#
+# `socketio` runs mission's 2,000-subscriber find-max and moderate load against Socket.IO with its
+# Redis adapter, two Node.js processes (crates/bench/socketio/server.js), for comparison. It needs
+# Node.js and npm (it runs `npm ci` there when node_modules is missing), hence not by default.
+#
+# `scale` holds 100,000 connections over 6 nodes for 10 minutes, then broadcasts, room traffic and
+# a rolling restart (SCALE_NODES, SCALE_CONNECTIONS, SCALE_PROCS, SCALE_HOLD; see the case below).
+# Each process may hold at most 20,000 open files here, so no node takes more than that.
 #
 # Run it on a quiet machine: the load generator and the servers share the cores.
 set -euo pipefail
@@ -16,7 +25,7 @@ cargo build --release --locked -p pushgate -p pushgate-bench
 export PUSHGATE_JWT_SECRET=bench-secret PUSHGATE_API_KEY=bench-key PUSHGATE_LOG=warn
 ulimit -n "$(ulimit -Hn)"
 B=./target/release/pushgate-bench
-G=./target/release/pushgate
+G=${PUSHGATE_BIN:-./target/release/pushgate}
 out=target/bench
 mkdir -p "$out"
 scenarios=("$@")
@@ -43,7 +52,7 @@ start_redis() { # start_redis: a fresh redis-server on a free port, its port in 
 for s in "${scenarios[@]}"; do
   case $s in
     mission)
-      rm -f "$out"/mission-*.txt
+      parts=" ${MISSION_PARTS:-idle findmax moderate one} "
       workers=(--workers "${MISSION_WORKERS:-1}")
       # find-max: the highest rate with zero loss, no refused publish, on pace, p99 < 250 ms.
       findmax=(--payload-size 100 --find-max --step-factor 1.25 --refine 3 --duration 5s --p99-bound 250ms)
@@ -55,35 +64,109 @@ for s in "${scenarios[@]}"; do
         wait_http "http://127.0.0.1:$p1/readyz"; wait_http "http://127.0.0.1:$p2/readyz"
         URLS="ws://127.0.0.1:$p1/ws,ws://127.0.0.1:$p2/ws"
       }
-      # Idle memory with Redis: 5,000 connections on each of two fresh nodes, both held open.
-      cluster
-      run mission-idle-n2 $B idle --url "ws://127.0.0.1:$p2/ws" --pid "$n2" -n 5000 -c 64 --hold 60s &
-      idle2=$!
-      run mission-idle-n1 $B idle --url "ws://127.0.0.1:$p1/ws" --pid "$n1" -n 5000 -c 64
-      kill "$idle2" 2>/dev/null || true; wait "$idle2" 2>/dev/null || true
-      cleanup; pids=()
-      for subs in ${MISSION_SUBS:-2000 10000}; do
-        start=$((800000 / subs / 4))
-        for via in ws http redis; do
-          cluster
-          run "mission-$subs-$via" $B fanout --url "$URLS" -s "$subs" -p 1 --via "$via" \
-            --redis-url "redis://127.0.0.1:$RP/" -r "$start" "${findmax[@]}"
-          cleanup; pids=()
+      if [[ $parts == *" idle "* ]]; then
+        # Idle memory with Redis: 5,000 connections on each of two fresh nodes, both held open.
+        rm -f "$out"/mission-idle-*.txt
+        cluster
+        run mission-idle-n2 $B idle --url "ws://127.0.0.1:$p2/ws" --pid "$n2" -n 5000 -c 64 --hold 30s &
+        idle2=$!
+        run mission-idle-n1 $B idle --url "ws://127.0.0.1:$p1/ws" --pid "$n1" -n 5000 -c 64 --hold 10s
+        wait "$idle2" || true
+        cleanup; pids=()
+      fi
+      if [[ $parts == *" findmax "* ]]; then
+        for subs in ${MISSION_SUBS:-2000 10000}; do
+          rm -f "$out"/mission-"$subs"-*.txt
+          # Where the search starts: a burst to 10,000 subscribers alone takes ~100 ms here.
+          start=$(( subs >= 10000 ? 4 : 100 ))
+          for via in ws http redis; do
+            # One HTTP client waits for each response: several publish side by side.
+            publishers=1; [[ $via == http ]] && publishers=8
+            cluster
+            run "mission-$subs-$via" $B fanout --url "$URLS" -s "$subs" -p "$publishers" --via "$via" \
+              --redis-url "redis://127.0.0.1:$RP/" -r "$start" "${findmax[@]}"
+            cleanup; pids=()
+          done
+          run "mission-$subs-baseline" $B baseline fanout -s "$subs" -p 1 -r "$start" "${findmax[@]}"
         done
-        run "mission-$subs-baseline" $B baseline fanout -s "$subs" -p 1 -r "$start" "${findmax[@]}"
-      done
-      # A moderate load, where latency is what matters: 25 msg/s to 2,000 subscribers.
-      cluster
-      for via in ws http redis; do
-        run "mission-moderate-$via" $B fanout --url "$URLS" -s 2000 -p 1 --via "$via" \
-          --redis-url "redis://127.0.0.1:$RP/" -r 25 --payload-size 100 --duration 20s
-      done
-      # One publishing connection, pipelined through Redis to a subscriber on the other node.
-      run mission-one-connection $B fanout --url "$URLS" -s 2 -p 1 --via ws -r 2000 "${findmax[@]}" \
-        --max-rate 200000
-      cleanup; pids=()
-      run mission-moderate-baseline $B baseline fanout -s 2000 -p 1 -r 25 --payload-size 100 --duration 20s
+      fi
+      if [[ $parts == *" moderate "* ]]; then
+        # A moderate load, where latency is what matters: 25 msg/s to 2,000 subscribers, in
+        # alternating rounds (single runs swing by several ms on two shared cores).
+        rm -f "$out"/mission-moderate-*.txt
+        cluster
+        for round in $(seq 1 "${MODERATE_ROUNDS:-3}"); do
+          for via in ws http redis; do
+            run "mission-moderate-$via-$round" $B fanout --url "$URLS" -s 2000 -p 1 --via "$via" \
+              --redis-url "redis://127.0.0.1:$RP/" -r 25 --payload-size 100 --duration 10s
+          done
+          run "mission-moderate-baseline-$round" $B baseline fanout -s 2000 -p 1 -r 25 --payload-size 100 --duration 10s
+        done
+        cleanup; pids=()
+      fi
+      if [[ $parts == *" one "* ]]; then
+        # One publishing connection, pipelined through Redis to a subscriber on each node.
+        cluster
+        run mission-one-connection $B fanout --url "$URLS" -s 2 -p 1 --via ws -r 2000 "${findmax[@]}" \
+          --max-rate 200000
+        cleanup; pids=()
+      fi
       python3 scripts/mission_summary.py "$out" | tee "$out/mission-summary.txt" ;;
+    scale)
+      # SCALE_NODES nodes on one Redis (--workers 1 each), SCALE_CONNECTIONS connections over
+      # SCALE_PROCS bench processes, each connection on its own user channel and one of 1,000
+      # history rooms; held SCALE_HOLD, then broadcasts, room traffic, and room traffic through
+      # a rolling restart of every node (scripts/rolling_restart.sh).
+      nodes=${SCALE_NODES:-6} conns=${SCALE_CONNECTIONS:-100000} procs=${SCALE_PROCS:-6}
+      per_node=$(( (conns + nodes - 1) / nodes ))
+      state=$(mktemp -d)
+      start_redis
+      urls=()
+      for i in $(seq 1 "$nodes"); do
+        p=$(free_port)
+        args=("$G" serve --listen "127.0.0.1:$p" --instance-id "n$i" --redis-url "redis://127.0.0.1:$RP/"
+          --workers 1 --history 'room:*=1000/10m' --drain-period 5s --max-connections "$((per_node + 100))")
+        printf '%s\n' "${args[@]}" > "$state/n$i.args"
+        echo "$p" > "$state/n$i.port"
+        "${args[@]}" & echo $! > "$state/n$i.pid"
+        wait_http "http://127.0.0.1:$p/readyz"
+        urls+=("ws://127.0.0.1:$p/ws")
+      done
+      # Nodes the restart started are not this shell's children: stop them by their pid files.
+      stop_nodes() { for f in "$state"/*.pid; do kill "$(cat "$f")" 2>/dev/null || true; done; }
+      trap 'stop_nodes; cleanup; rm -rf "$state"' EXIT
+      run scale $B scale --url "$(IFS=,; echo "${urls[*]}")" -n "$conns" --rooms 1000 \
+        --procs "$procs" --source-ips -c 256 --hold "${SCALE_HOLD:-10m}" --room-rate 200 \
+        --room-duration 30s --during "bash scripts/rolling_restart.sh $state"
+      stop_nodes; cleanup; pids=(); trap cleanup EXIT ;;
+    socketio)
+      sio=crates/bench/socketio
+      [[ -d $sio/node_modules ]] || (cd "$sio" && npm ci --no-audit --no-fund)
+      rm -f "$out"/socketio-*.txt
+      findmax=(--payload-size 100 --find-max --step-factor 1.25 --refine 3 --duration 5s --p99-bound 250ms)
+      sio_cluster() { # sio_cluster: Redis and two fresh Socket.IO processes, their URLs in URLS
+        start_redis
+        URLS=
+        for _ in 1 2; do
+          local port; port=$(free_port)
+          # `command`: this script's own node() starts a pushgate node.
+          command node "$sio/server.js" "$port" "redis://127.0.0.1:$RP/" & pids+=($!)
+          # It listens only once its Redis clients are connected.
+          local up=
+          for _ in $(seq 1 200); do
+            (: >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && up=1 && break; sleep 0.05
+          done
+          [[ $up ]] || { echo "server.js on port $port did not start" >&2; exit 1; }
+          URLS+=${URLS:+,}ws://127.0.0.1:$port
+        done
+      }
+      sio_cluster
+      run socketio-2000 $B socketio fanout --url "$URLS" -s 2000 -p 1 -r 10 "${findmax[@]}"
+      cleanup; pids=()
+      # The moderate load of mission: 25 msg/s to 2,000 subscribers.
+      sio_cluster
+      run socketio-moderate $B socketio fanout --url "$URLS" -s 2000 -p 1 -r 25 --payload-size 100 --duration 20s
+      cleanup; pids=() ;;
     idle)
       p=$(free_port); node "$p"
       run idle-pushgate $B idle --url "ws://127.0.0.1:$p/ws" --pid "$NODE" -n 15000 -c 64

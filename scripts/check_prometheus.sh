@@ -335,7 +335,7 @@ for r in rules:
                 fail(f"alert {name}: {side} operand returns no data: {operand}")
         else:
             notes.append(f"{side} {m}")
-    print(f"ok    alert {name}: {n} firing series; operands of {op!r}: {', '.join(notes)}")
+    print(f"ok    alert {name}: {n} series match now; operands of {op!r}: {', '.join(notes)}")
 
 # Dashboard variables, then panel queries.
 values = dict(BUILTINS)

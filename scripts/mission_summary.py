@@ -4,6 +4,7 @@ moderate-load latencies; one connection's publish rate; idle memory per connecti
 
 import json
 import os
+import statistics
 import sys
 
 
@@ -33,18 +34,22 @@ def main(out):
             dps = r.get("max_ok_deliveries_per_sec") or 0.0
             rate = r.get("max_ok_rate") or 0.0
             share = dps / base_dps if base_dps else 0.0
-            print(f"    via {via:<5} {rate:>8,.0f} msg/s  {dps:>10,.0f} deliveries/s  {share:.2f}x baseline")
-    print("moderate load, 25 msg/s x 2,000 subscribers (latency ms):")
+            pubs = r.get("publishers", 1)
+            print(f"    via {via:<5} ({pubs} publisher{'s' if pubs > 1 else ''}) {rate:>8,.0f} msg/s  {dps:>10,.0f} deliveries/s  {share:.2f}x baseline")
+    print("moderate load, 25 msg/s x 2,000 subscribers, latency ms (median of the rounds' p50/p99):")
     for name in ("ws", "http", "redis", "baseline"):
-        r = load(out, f"moderate-{name}")
-        if r is None:
-            continue
-        res = r["result"]
-        lat = res["latency"]
-        print(
-            f"  {name:<8} p50 {lat['p50_ms']:.2f}  p99 {lat['p99_ms']:.2f}  max {lat['max_ms']:.2f}"
-            f"  loss {res['loss']}"
+        rounds = sorted(
+            f for f in os.listdir(out) if f.startswith(f"mission-moderate-{name}-") and f.endswith(".txt")
         )
+        runs = [load(out, f[len("mission-"):-len(".txt")]) for f in rounds]
+        runs = [r["result"] for r in runs if r is not None]
+        if not runs:
+            continue
+        p50 = statistics.median(r["latency"]["p50_ms"] for r in runs)
+        p99 = statistics.median(r["latency"]["p99_ms"] for r in runs)
+        each = ", ".join(f"{r['latency']['p99_ms']:.1f}" for r in runs)
+        loss = sum(r["loss"] for r in runs)
+        print(f"  {name:<8} p50 {p50:.2f}  p99 {p99:.2f}  (p99 per round: {each})  loss {loss}")
     r = load(out, "one-connection")
     if r is not None:
         print(

@@ -18,6 +18,8 @@ command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 [[ -x /usr/bin/chromium ]] || missing+=(chromium)
+# Prometheus and promtool: the alert rules' unit tests and the live check of rules and dashboard.
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if ((${#missing[@]})); then
   echo "test: installing ${missing[*]} from Debian's packages"
   sudo=""
@@ -28,7 +30,14 @@ if ((${#missing[@]})); then
   if [[ " ${missing[*]} " == *" nginx "* ]]; then
     $sudo service nginx stop >/dev/null 2>&1 || true
   fi
+  # Likewise a system Prometheus on :9090; the tests start their own on free ports.
+  if [[ " ${missing[*]} " == *" prometheus "* ]]; then
+    $sudo service prometheus stop >/dev/null 2>&1 || true
+  fi
 fi
+
+# The Socket.IO server the bench compares against (crates/bench/tests/scenarios.rs runs it).
+(cd crates/bench/socketio && npm ci --no-audit --no-fund)
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -41,12 +41,23 @@ pub enum Command {
     /// JSON, no Redis) that the bench starts as its own child process.
     #[command(subcommand)]
     Baseline(BaselineCommand),
+    /// The fan-out of a Socket.IO cluster (crates/bench/socketio/server.js processes sharing
+    /// broadcasts through the Redis adapter), for comparison.
+    #[command(subcommand)]
+    Socketio(SocketIoCommand),
     /// Run the bare broadcast server (the bench starts it itself for `baseline`).
     #[command(hide = true)]
     BaselineServer(BaselineServerArgs),
     /// A client worker process (started by the bench for --procs).
     #[command(hide = true)]
     Worker,
+    /// N connections over several nodes, each on its own user channel and one of R history
+    /// rooms: open, hold, broadcast to all, room traffic, and room traffic through a command
+    /// (a rolling restart) after which every connection must have every room message once.
+    Scale(ScaleArgs),
+    /// A scale worker process (started by `scale`).
+    #[command(hide = true)]
+    ScaleWorker,
 }
 
 #[derive(Subcommand, Debug)]
@@ -57,6 +68,30 @@ pub enum BaselineCommand {
     Connect(ConnectLoad),
     /// Broadcast fan-out: every publisher's text message goes to every subscriber.
     Fanout(FanoutLoad),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SocketIoCommand {
+    /// S subscribers joined to one room over K Socket.IO processes, P publishers emitting acked
+    /// `pub` events at R messages/s (the server broadcasts each as a `msg` event to the room).
+    Fanout(SocketIoFanoutArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SocketIoFanoutArgs {
+    /// The Socket.IO processes' URLs, `ws://host:port` (repeat, or comma-separate); subscribers
+    /// and publishers are spread over them in turn.
+    #[arg(
+        long = "url",
+        value_delimiter = ',',
+        default_value = "ws://127.0.0.1:3000"
+    )]
+    pub urls: Vec<String>,
+    /// The room every subscriber joins and every message is emitted to.
+    #[arg(long, default_value = "bench")]
+    pub room: String,
+    #[command(flatten)]
+    pub load: FanoutLoad,
 }
 
 /// How clients of a pushgate node are authenticated.
@@ -254,4 +289,51 @@ pub struct BaselineServerArgs {
     /// default outbound queue).
     #[arg(long, default_value_t = 1024)]
     pub queue: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct ScaleArgs {
+    /// The nodes' WebSocket URLs (host:port addresses); connection i goes to URL i mod count.
+    #[arg(long = "url", value_delimiter = ',', required = true)]
+    pub urls: Vec<String>,
+    #[command(flatten)]
+    pub auth: Auth,
+    /// API key, to publish the broadcasts and the room traffic.
+    #[arg(long, env = "PUSHGATE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Connections in all.
+    #[arg(short = 'n', long, default_value_t = 10_000)]
+    pub connections: u64,
+    /// Rooms; connection i subscribes to room i mod rooms. The nodes must keep history on them
+    /// (`--history 'room:*=...'`).
+    #[arg(long, default_value_t = 1000)]
+    pub rooms: u64,
+    /// Room channel names: this prefix and the room number.
+    #[arg(long, default_value = "room:")]
+    pub room_prefix: String,
+    /// Handshakes in flight at once (over all processes).
+    #[arg(short = 'c', long, default_value_t = 128)]
+    pub concurrency: usize,
+    /// How long to hold every connection open before the broadcasts.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub hold: Duration,
+    /// Broadcasts to every connection, one after the other.
+    #[arg(long, default_value_t = 3)]
+    pub broadcasts: u32,
+    /// Room messages per second over all rooms (API publishes spread over the nodes).
+    #[arg(long, default_value_t = 100.0, value_parser = positive_rate)]
+    pub room_rate: f64,
+    /// How long the steady room traffic runs.
+    #[arg(long, default_value = "20s", value_parser = duration)]
+    pub room_duration: Duration,
+    /// A shell command to run while room traffic goes on (e.g. a rolling restart of the nodes);
+    /// afterwards every connection must be back and hold every room message exactly once.
+    #[arg(long)]
+    pub during: Option<String>,
+    /// Give each worker process its own source address (127.0.1.1, 127.0.1.2, ...), so that
+    /// reconnects do not run out of local ports.
+    #[arg(long)]
+    pub source_ips: bool,
+    #[command(flatten)]
+    pub procs: Procs,
 }

@@ -1,6 +1,7 @@
 //! `pushgate-bench`: measures a pushgate node (idle memory per connection, handshakes per second,
 //! fan-out throughput, loss and latency) and the same figures for a bare tokio + tungstenite
-//! broadcast server, the ceiling of the stack on the machine at hand.
+//! broadcast server, the ceiling of the stack on the machine at hand; and the fan-out of a
+//! Socket.IO cluster, for comparison.
 #![forbid(unsafe_code)]
 
 mod baseline;
@@ -11,6 +12,8 @@ mod payload;
 mod publish;
 mod rss;
 mod run;
+mod scale;
+mod socketio;
 mod stats;
 mod token;
 mod worker;
@@ -19,10 +22,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Auth, BaselineCommand, Cli, Command};
+use crate::cli::{Auth, BaselineCommand, Cli, Command, SocketIoCommand};
 use crate::rss::RssSource;
 use crate::run::{Publish, Target};
 use crate::token::TokenSpec;
+use crate::worker::Protocol;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -45,12 +49,14 @@ fn main() -> ExitCode {
 fn pushgate(auth: &Auth, channel: &str) -> Target {
     Target {
         name: "pushgate",
-        token: Some(TokenSpec::new(
-            auth.jwt_secret.clone(),
-            auth.jwt_issuer.clone(),
-            auth.jwt_audience.clone(),
-            auth.token_ttl,
-        )),
+        protocol: Protocol::Pushgate {
+            token: TokenSpec::new(
+                auth.jwt_secret.clone(),
+                auth.jwt_issuer.clone(),
+                auth.jwt_audience.clone(),
+                auth.token_ttl,
+            ),
+        },
         channel: channel.to_owned(),
     }
 }
@@ -58,7 +64,7 @@ fn pushgate(auth: &Auth, channel: &str) -> Target {
 fn baseline_target() -> Target {
     Target {
         name: "baseline",
-        token: None,
+        protocol: Protocol::Bare,
         channel: "bench".into(),
     }
 }
@@ -112,7 +118,17 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             server.stop().await;
             outcome
         }
+        Command::Socketio(SocketIoCommand::Fanout(args)) => {
+            let target = Target {
+                name: "socketio",
+                protocol: Protocol::SocketIo,
+                channel: args.room,
+            };
+            run::fanout(&target, &args.urls, Publish::SocketIo, false, &args.load).await
+        }
         Command::BaselineServer(args) => baseline::serve(args).await,
         Command::Worker => worker::child_main().await,
+        Command::Scale(args) => scale::run(args).await,
+        Command::ScaleWorker => scale::worker_main().await,
     }
 }

@@ -1,5 +1,6 @@
 //! Publishers: paced senders of timestamped payloads, over a pushgate client connection, the
-//! HTTP API, plain Redis `PUBLISH`, or a bare text message to the baseline server.
+//! HTTP API, plain Redis `PUBLISH`, a bare text message to the baseline server, or a Socket.IO
+//! `pub` event.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,10 +12,11 @@ use futures_util::stream::{SplitSink, StreamExt};
 use pushgate_protocol::server::ServerFrame;
 use serde::Serialize;
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::client::{self, Ws};
 use crate::payload;
+use crate::socketio;
 use crate::stats::{self, Counts};
 
 /// Most messages sent back to back before the pacing loop looks at the clock again.
@@ -45,6 +47,15 @@ pub enum Via {
     Bare {
         sink: SplitSink<Ws, Message>,
         reader: JoinHandle<()>,
+    },
+    /// `42<id>["pub",{"room":...,"data":...}]` on a Socket.IO connection; the server acks each
+    /// one. The reader answers the server's pings on the same sink, hence the lock.
+    SocketIo {
+        sink: Arc<tokio::sync::Mutex<SplitSink<Ws, Message>>>,
+        acks: Arc<Acks>,
+        reader: JoinHandle<()>,
+        next_id: u64,
+        room_json: String,
     },
 }
 
@@ -154,6 +165,49 @@ impl Publisher {
         })
     }
 
+    /// A Socket.IO client that emits `pub` events for `room` (it does not join it).
+    pub async fn socketio(index: u32, url: &str, room: &str) -> anyhow::Result<Self> {
+        let ws = socketio::open(url, None)
+            .await
+            .map_err(|e| anyhow::anyhow!("publisher {index} could not connect to {url}: {e}"))?;
+        let (sink, mut stream) = ws.split();
+        let sink = Arc::new(tokio::sync::Mutex::new(sink));
+        let acks = Arc::new(Acks::default());
+        let (counted, pong) = (acks.clone(), sink.clone());
+        let reader = tokio::spawn(async move {
+            while let Some(Ok(frame)) = stream.next().await {
+                let Message::Text(text) = frame else { continue };
+                if text.as_str() == socketio::PING {
+                    let mut sink = pong.lock().await;
+                    if sink.send(Message::text(socketio::PONG)).await.is_err() {
+                        return;
+                    }
+                } else if socketio::ack_id(&text).is_some() {
+                    counted.acked.fetch_add(1, Ordering::Relaxed);
+                    counted.answered.fetch_add(1, Ordering::Release);
+                }
+            }
+        });
+        Ok(Self {
+            index,
+            via: Via::SocketIo {
+                sink,
+                acks,
+                reader,
+                next_id: 1,
+                room_json: serde_json::to_string(room)?,
+            },
+        })
+    }
+
+    /// What the server answered so far, for publishers whose every publish gets an answer.
+    fn acks(&self) -> Option<&Acks> {
+        match &self.via {
+            Via::Ws { acks, .. } | Via::SocketIo { acks, .. } => Some(acks),
+            Via::Http { .. } | Via::Redis { .. } | Via::Bare { .. } => None,
+        }
+    }
+
     /// Sends `count` messages of `step` at `rate` per second, then waits (up to `quiet` without
     /// progress) for the node's answers to them.
     pub async fn run(
@@ -168,13 +222,13 @@ impl Publisher {
             first_send_ns: u64::MAX,
             ..PubReport::default()
         };
-        let (acked0, answered0, errors0) = match &self.via {
-            Via::Ws { acks, .. } => (
+        let (acked0, answered0, errors0) = match self.acks() {
+            Some(acks) => (
                 acks.acked.load(Ordering::Relaxed),
                 acks.answered.load(Ordering::Acquire),
                 acks.errors.lock().map(|e| e.clone()).unwrap_or_default(),
             ),
-            _ => (0, 0, Counts::new()),
+            None => (0, 0, Counts::new()),
         };
         let start = Instant::now();
         let mut sent = 0u64;
@@ -192,7 +246,7 @@ impl Publisher {
             }
         }
         report.send_secs = start.elapsed().as_secs_f64();
-        if let Via::Ws { acks, .. } = &self.via {
+        if let Some(acks) = self.acks() {
             // Every publish gets an ack or an error; wait for them before counting.
             let (mut last, mut since) = (u64::MAX, Instant::now());
             loop {
@@ -242,37 +296,39 @@ impl Publisher {
                 channel_json,
                 ..
             } => {
-                let mut result = Ok(());
-                for seq in seqs {
-                    let frame = format!(
-                        r#"{{"type":"publish","id":{next_id},"channel":{channel_json},"data":{}}}"#,
-                        stamp(seq)
-                    );
+                let frames = seqs.map(|seq| {
+                    let id = *next_id;
                     *next_id += 1;
-                    result = sink.feed(Message::text(frame)).await;
-                    if result.is_err() {
-                        break;
-                    }
+                    format!(
+                        r#"{{"type":"publish","id":{id},"channel":{channel_json},"data":{}}}"#,
+                        stamp(seq)
+                    )
+                });
+                let result = send_all(sink, frames).await;
+                report.sent += n;
+                if let Err(e) = result {
+                    stats::bump(&mut report.rejected, client::describe(&e));
                 }
-                if result.is_ok() {
-                    result = sink.flush().await;
-                }
+            }
+            Via::SocketIo {
+                sink,
+                next_id,
+                room_json,
+                ..
+            } => {
+                let frames = seqs.map(|seq| {
+                    let id = *next_id;
+                    *next_id += 1;
+                    socketio::publish_frame(id, room_json, &stamp(seq))
+                });
+                let result = send_all(&mut *sink.lock().await, frames).await;
                 report.sent += n;
                 if let Err(e) = result {
                     stats::bump(&mut report.rejected, client::describe(&e));
                 }
             }
             Via::Bare { sink, .. } => {
-                let mut result = Ok(());
-                for seq in seqs {
-                    result = sink.feed(Message::text(stamp(seq))).await;
-                    if result.is_err() {
-                        break;
-                    }
-                }
-                if result.is_ok() {
-                    result = sink.flush().await;
-                }
+                let result = send_all(sink, seqs.map(stamp)).await;
                 report.sent += n;
                 match result {
                     Ok(()) => report.accepted += n,
@@ -343,7 +399,26 @@ impl Publisher {
                 let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
                 reader.abort();
             }
+            Via::SocketIo { sink, reader, .. } => {
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    sink.lock().await.close().await
+                })
+                .await;
+                reader.abort();
+            }
             Via::Http { .. } | Via::Redis { .. } => {}
         }
     }
+}
+
+/// Writes `frames` back to back and flushes once, so that a burst goes out in as few sends as
+/// the write buffer allows.
+async fn send_all(
+    sink: &mut SplitSink<Ws, Message>,
+    frames: impl Iterator<Item = String>,
+) -> Result<(), tungstenite::Error> {
+    for frame in frames {
+        sink.feed(Message::text(frame)).await?;
+    }
+    sink.flush().await
 }

@@ -10,8 +10,7 @@ use crate::limits;
 use crate::publish::{PubReport, Publisher};
 use crate::rss::{self, RssSource};
 use crate::stats::{self, Counts, Percentiles};
-use crate::token::TokenSpec;
-use crate::worker::{Cmd, Event, Job, Link, OpenReport, Spec, StepReport};
+use crate::worker::{Cmd, Event, Job, Link, OpenReport, Protocol, Spec, StepReport};
 
 /// `count` split into `parts` shares: (first index, size) each.
 pub fn split(count: u64, parts: u32) -> Vec<(u64, u64)> {
@@ -43,10 +42,10 @@ pub fn http_base(ws_url: &str) -> anyhow::Result<String> {
 
 /// The server under test.
 pub struct Target {
-    /// `pushgate` or `baseline`.
+    /// `pushgate`, `baseline` or `socketio`.
     pub name: &'static str,
-    /// How to sign tokens; `None` for the baseline.
-    pub token: Option<TokenSpec>,
+    pub protocol: Protocol,
+    /// The channel (Socket.IO: the room) every subscriber is in.
     pub channel: String,
 }
 
@@ -67,7 +66,7 @@ impl Workers {
             .enumerate()
             .map(|(i, job)| Spec {
                 index: i as u32,
-                token: target.token.clone(),
+                protocol: target.protocol.clone(),
                 channel: target.channel.clone(),
                 job,
             })
@@ -429,6 +428,7 @@ pub enum Publish {
     Ws,
     Http { api_key: String },
     Redis { url: String, prefix: String },
+    SocketIo,
 }
 
 impl Publish {
@@ -438,6 +438,7 @@ impl Publish {
             Self::Ws => "ws",
             Self::Http { .. } => "http",
             Self::Redis { .. } => "redis",
+            Self::SocketIo => "event",
         }
     }
 
@@ -724,11 +725,10 @@ pub async fn fanout(
         pubs.push(match &publish {
             Publish::Bare => Publisher::bare(p, url).await?,
             Publish::Ws => {
-                let token = target
-                    .token
-                    .as_ref()
-                    .context("pushgate publishers need a token")?
-                    .mint(&format!("bench-pub-{p}"), &[], &[&target.channel])?;
+                let Protocol::Pushgate { token } = &target.protocol else {
+                    bail!("pushgate publishers need a token");
+                };
+                let token = token.mint(&format!("bench-pub-{p}"), &[], &[&target.channel])?;
                 Publisher::ws(p, url, &token, &target.channel).await?
             }
             Publish::Http { api_key } => {
@@ -737,6 +737,7 @@ pub async fn fanout(
             Publish::Redis { url, prefix } => {
                 Publisher::redis(p, url, prefix, &target.channel).await?
             }
+            Publish::SocketIo => Publisher::socketio(p, url, &target.channel).await?,
         });
     }
     let mut run = FanoutRun {
@@ -766,10 +767,10 @@ pub async fn fanout(
         publishers: load.publishers,
         payload_size: load.payload_size,
         procs,
-        decode: match (target.token.is_some(), full_decode) {
-            (false, _) => "raw",
-            (true, false) => "lean",
-            (true, true) => "full",
+        decode: match (&target.protocol, full_decode) {
+            (Protocol::Bare, _) => "raw",
+            (Protocol::SocketIo, _) | (Protocol::Pushgate { .. }, false) => "lean",
+            (Protocol::Pushgate { .. }, true) => "full",
         },
         find_max: load.find_max,
         p99_bound_ms: load.find_max.then_some(load.p99_bound.as_secs_f64() * 1e3),

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use futures_util::{StreamExt, stream};
+use futures_util::{SinkExt, StreamExt, stream};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -19,6 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{self, OPEN_TIMEOUT, Ws};
 use crate::payload::{self, Stamp};
+use crate::socketio;
 use crate::stats::{self, Counts, HistData};
 use crate::token::TokenSpec;
 
@@ -26,10 +27,22 @@ use crate::token::TokenSpec;
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Spec {
     pub index: u32,
-    /// How to sign tokens; `None` for the baseline server (no auth, no welcome, no subscribe).
-    pub token: Option<TokenSpec>,
+    pub protocol: Protocol,
     pub channel: String,
     pub job: Job,
+}
+
+/// What the server under test speaks.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Protocol {
+    /// pushgate: a token per user (signed with `token`), the welcome, `subscribe`.
+    Pushgate { token: TokenSpec },
+    /// The baseline server: the bare upgrade (no auth, no welcome, no subscribe), text payloads.
+    Bare,
+    /// Socket.IO over WebSocket: the namespace connect, `join` the channel as a room, `msg`
+    /// events. Fan-out only: idle connections would not answer its pings.
+    SocketIo,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -179,10 +192,23 @@ pub async fn run(
 }
 
 fn token_for(spec: &Spec, sub: &str) -> anyhow::Result<Option<String>> {
-    spec.token
-        .as_ref()
-        .map(|t| t.mint(sub, &[spec.channel.as_str()], &[]))
-        .transpose()
+    match &spec.protocol {
+        Protocol::Pushgate { token } => Ok(Some(token.mint(sub, &[spec.channel.as_str()], &[])?)),
+        Protocol::Bare | Protocol::SocketIo => Ok(None),
+    }
+}
+
+/// Opens one connection as `protocol` says, subscribed to (or joined to) `channel` if given.
+async fn open_one(
+    protocol: &Protocol,
+    url: &str,
+    token: Option<&str>,
+    channel: Option<&str>,
+) -> Result<Ws, String> {
+    match protocol {
+        Protocol::SocketIo => socketio::open(url, channel).await,
+        Protocol::Pushgate { .. } | Protocol::Bare => client::open(url, token, channel).await,
+    }
 }
 
 /// Opens a connection for each global index (user `bench-<index>`) to `url_of(index)`,
@@ -202,20 +228,17 @@ async fn open_many(
         let token = token_for(spec, &format!("bench-{index}"))?;
         jobs.push((index, url_of(index), token));
     }
-    let channel = spec.channel.clone();
+    let (protocol, channel) = (&spec.protocol, spec.channel.as_str());
     let mut results = stream::iter(jobs)
-        .map(|(index, url, token)| {
-            let channel = channel.clone();
-            async move {
-                let t = Instant::now();
-                let opened = tokio::time::timeout(
-                    OPEN_TIMEOUT,
-                    client::open(&url, token.as_deref(), Some(&channel)),
-                )
-                .await
-                .unwrap_or_else(|_| Err("timeout".into()));
-                (index, opened, t.elapsed())
-            }
+        .map(|(index, url, token)| async move {
+            let t = Instant::now();
+            let opened = tokio::time::timeout(
+                OPEN_TIMEOUT,
+                open_one(protocol, &url, token.as_deref(), Some(channel)),
+            )
+            .await
+            .unwrap_or_else(|_| Err("timeout".into()));
+            (index, opened, t.elapsed())
         })
         .buffer_unordered(concurrency.max(1));
     while let Some((index, opened, took)) = results.next().await {
@@ -312,7 +335,7 @@ async fn connect_loop(
     for t in 0..concurrency.max(1) {
         // One token per loop, minted up front: signing is not what is being measured.
         let token = token_for(spec, &format!("bench-c{}-{t}", spec.index))?;
-        let (url, left) = (url.to_owned(), left.clone());
+        let (url, left, protocol) = (url.to_owned(), left.clone(), spec.protocol.clone());
         tasks.push(tokio::spawn(async move {
             let mut hist = stats::new_hist();
             let (mut ok, mut errors) = (0u64, Counts::new());
@@ -320,10 +343,12 @@ async fn connect_loop(
                 && left.fetch_sub(1, Ordering::Relaxed) > 0
             {
                 let t = Instant::now();
-                let opened =
-                    tokio::time::timeout(OPEN_TIMEOUT, client::open(&url, token.as_deref(), None))
-                        .await
-                        .unwrap_or_else(|_| Err("timeout".into()));
+                let opened = tokio::time::timeout(
+                    OPEN_TIMEOUT,
+                    open_one(&protocol, &url, token.as_deref(), None),
+                )
+                .await
+                .unwrap_or_else(|_| Err("timeout".into()));
                 match opened {
                     Ok(ws) => {
                         stats::record(&mut hist, t.elapsed());
@@ -400,6 +425,8 @@ enum Decode {
     Lean,
     /// pushgate, decoding every frame into the protocol's `ServerFrame` and checking the channel.
     Full,
+    /// Socket.IO: `data` borrowed out of a `msg` event; pings answered.
+    SocketIo,
 }
 
 struct Fanout {
@@ -428,10 +455,11 @@ impl Fanout {
         else {
             unreachable!("a fan-out worker runs a fan-out job")
         };
-        let decode = match (&spec.token, full_decode) {
-            (None, _) => Decode::Raw,
-            (Some(_), false) => Decode::Lean,
-            (Some(_), true) => Decode::Full,
+        let decode = match (&spec.protocol, full_decode) {
+            (Protocol::Bare, _) => Decode::Raw,
+            (Protocol::SocketIo, _) => Decode::SocketIo,
+            (Protocol::Pushgate { .. }, false) => Decode::Lean,
+            (Protocol::Pushgate { .. }, true) => Decode::Full,
         };
         Self {
             spec,
@@ -611,10 +639,17 @@ async fn subscriber(
         tokio::select! {
             frame = ws.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
+                    if matches!(decode, Decode::SocketIo) && text.as_str() == socketio::PING {
+                        match ws.send(Message::text(socketio::PONG)).await {
+                            Ok(()) => continue,
+                            Err(e) => break client::describe(&e),
+                        }
+                    }
                     let stamp = match decode {
                         Decode::Raw => payload::parse_json(&text),
                         Decode::Lean => client::lean_data(&text).and_then(payload::parse_json),
                         Decode::Full => full_decode(&text, &channel),
+                        Decode::SocketIo => socketio::msg_data(&text).and_then(payload::parse_json),
                     };
                     let now = payload::unix_ns();
                     let step = shared.step.load(Ordering::Relaxed);

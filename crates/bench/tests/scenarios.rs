@@ -1,10 +1,17 @@
 //! Tiny runs of every mode against real processes: a `pushgate` node (built by
 //! `cargo build -p pushgate`; `cargo test --workspace` builds it), a two-node cluster with its own
-//! `redis-server`, and the bench's own baseline server. They check that each mode runs and reports
-//! sane numbers (nothing lost, rates above zero, percentiles in order), never timing bars.
+//! `redis-server`, the bench's own baseline server, and (where Node.js and the npm packages of
+//! `crates/bench/socketio` are installed) two Socket.IO processes. They check that each mode runs
+//! and reports sane numbers (nothing lost, rates above zero, percentiles in order), never timing
+//! bars.
 
-use pushgate_tests::{API_KEY, Cluster, NodeProcess, SECRET};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use pushgate_tests::{API_KEY, Cluster, NodeProcess, RedisServer, SECRET};
 use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 const BENCH: &str = env!("CARGO_BIN_EXE_pushgate-bench");
 
@@ -247,4 +254,144 @@ async fn says_when_a_run_needs_more_open_files() {
             .any(|l| l.starts_with('{')),
         "no result line for a refused run"
     );
+}
+
+/// `crates/bench/socketio`, if Node.js and its npm packages are there to run it.
+fn socketio_dir() -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("socketio");
+    let node = std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !node {
+        eprintln!("skipped: no `node` on PATH");
+        return None;
+    }
+    if !dir.join("node_modules").is_dir() {
+        eprintln!(
+            "skipped: no node_modules in {} (run `npm ci` there)",
+            dir.display()
+        );
+        return None;
+    }
+    Some(dir)
+}
+
+/// One `server.js` process on a free port; killed when dropped.
+struct SocketIoServer {
+    _child: tokio::process::Child,
+    port: u16,
+}
+
+impl SocketIoServer {
+    async fn start(dir: &Path, redis_url: &str) -> Self {
+        let mut child = tokio::process::Command::new("node")
+            .arg(dir.join("server.js"))
+            .args(["0", redis_url])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting server.js");
+        let stdout = child.stdout.take().expect("server.js stdout");
+        let line = tokio::time::timeout(
+            Duration::from_secs(10),
+            BufReader::new(stdout).lines().next_line(),
+        )
+        .await
+        .expect("server.js listens within 10 s")
+        .expect("reading server.js")
+        .expect("server.js exited at start");
+        let port = line
+            .strip_prefix("listening on ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("server.js said {line:?}"));
+        Self {
+            _child: child,
+            port,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_against_two_socketio_processes_and_redis() {
+    let Some(dir) = socketio_dir() else { return };
+    let redis = RedisServer::start();
+    let a = SocketIoServer::start(&dir, &redis.url()).await;
+    let b = SocketIoServer::start(&dir, &redis.url()).await;
+    let urls = format!("ws://127.0.0.1:{},ws://127.0.0.1:{}", a.port, b.port);
+    let common = [
+        "socketio", "fanout", "--url", &urls, "-s", "20", "--count", "50", "-r", "100",
+    ];
+
+    // Half the subscribers are on the second process: nothing lost means the adapter carried
+    // every message through Redis.
+    let (v, _) = bench(&common).await;
+    assert_fanout(&v, 20, 50);
+    assert_eq!(v["target"], "socketio");
+    assert_eq!(v["via"], "event");
+
+    // Publishers on both processes, subscribers in two worker processes.
+    let (v, _) = bench(&[&common[..], &["-p", "2", "--procs", "2"]].concat()).await;
+    assert_fanout(&v, 20, 50);
+    assert_eq!(v["procs"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_run_across_two_nodes_with_history_rooms() {
+    let cluster = Cluster::start(2, &["--history", "room:*=100/10m"]).await;
+    let urls = format!(
+        "{},{}",
+        cluster.nodes[0].ws_url(),
+        cluster.nodes[1].ws_url()
+    );
+    let (v, _) = bench(&[
+        "scale",
+        "--url",
+        &urls,
+        "--jwt-secret",
+        SECRET,
+        "--api-key",
+        API_KEY,
+        "-n",
+        "200",
+        "--rooms",
+        "10",
+        "--procs",
+        "2",
+        "--hold",
+        "1s",
+        "--broadcasts",
+        "2",
+        "--room-rate",
+        "50",
+        "--room-duration",
+        "1s",
+        // No restart here: the phase still checks every connection ends at its room's last
+        // offset with nothing skipped or repeated.
+        "--during",
+        "true",
+    ])
+    .await;
+    assert_eq!(u(&v, "opened"), 200, "{v}");
+    assert_eq!(u(&v, "dropped_while_held"), 0, "{v}");
+    let nodes = v["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 2, "{v}");
+    for node in nodes {
+        assert_eq!(f(node, "connections"), 100.0, "{v}");
+    }
+    for b in v["broadcasts"].as_array().expect("broadcasts") {
+        assert_eq!(u(b, "received"), 200, "{v}");
+        assert_ordered(&b["latency"]);
+    }
+    let rooms = &v["rooms"];
+    assert!(u(rooms, "expected") > 0, "{v}");
+    assert_eq!(u(rooms, "received"), u(rooms, "expected"), "{v}");
+    assert_ordered(&rooms["latency"]);
+    let restart = &v["restart"];
+    assert_eq!(restart["command_ok"], Value::Bool(true), "{v}");
+    assert!(u(restart, "published") > 0, "{v}");
+    for key in ["behind", "gaps", "duplicates", "not_recovered"] {
+        assert_eq!(u(restart, key), 0, "{key}: {v}");
+    }
+    assert_eq!(u(restart, "alive_after"), 200, "{v}");
 }

@@ -174,9 +174,10 @@ fn configure(node: &Node, ws: WebSocketUpgrade) -> WebSocketUpgrade {
     ws.max_message_size(transport_limit)
         .max_frame_size(transport_limit)
         // Reads: idle connections dominate and send little; a small chunk keeps each one's
-        // buffer (allocated and zero-filled per connection) at 1 KiB. Larger frames still
-        // arrive whole: the buffer grows to a frame's announced length.
-        .read_buffer_size(1024)
+        // buffer (allocated and zero-filled per connection) at 512 bytes, which holds a few
+        // requests per read. Larger frames still arrive whole: the buffer grows to a frame's
+        // announced length.
+        .read_buffer_size(512)
         // Writes: a batch of queued frames (up to 64, ~230 bytes each around a 100-byte
         // payload) goes out in one send; at 4 KiB it took four, and sends are most of a
         // fan-out's cost. The buffer grows only on connections that receive bursts.

@@ -341,7 +341,8 @@ where
                     Some(code) => Err(Stop::Close(code)),
                     None => self.write_queued().await,
                 },
-                reply = next_reply(&mut self.inflight) => self.write_replies(reply).await,
+                // Boxed, as request handling: idle sessions should not carry the write's state.
+                reply = next_reply(&mut self.inflight) => Box::pin(self.write_replies(reply)).await,
                 incoming = stream.next(), if reading => match incoming {
                     Some(Ok(msg)) => {
                         last_heard = Instant::now();
