@@ -43,9 +43,13 @@ node() { # node PORT [flags...]: starts a node, waits for /healthz, records its 
 }
 run() { local name=$1; shift; echo "== $name: $*"; "$@" 2>&1 | tee "$out/$name.txt"; }
 start_redis() { # start_redis: a fresh redis-server on a free port, its port in RP
-  RP=$(free_port)
-  redis-server --port "$RP" --save '' --appendonly no >/dev/null & pids+=($!)
-  for _ in $(seq 1 100); do redis-cli -p "$RP" ping >/dev/null 2>&1 && return; sleep 0.05; done
+  # A few tries: right after a large run, a "free" port can still be the local end of a socket
+  # that is closing, and the bind fails.
+  for _ in 1 2 3; do
+    RP=$(free_port)
+    redis-server --port "$RP" --save '' --appendonly no >/dev/null & pids+=($!)
+    for _ in $(seq 1 100); do redis-cli -p "$RP" ping >/dev/null 2>&1 && return; sleep 0.05; done
+  done
   echo "redis-server did not start" >&2; exit 1
 }
 
@@ -116,7 +120,7 @@ for s in "${scenarios[@]}"; do
       # SCALE_NODES nodes on one Redis (--workers 1 each), SCALE_CONNECTIONS connections over
       # SCALE_PROCS bench processes, each connection on its own user channel and one of 1,000
       # history rooms; held SCALE_HOLD, then broadcasts, room traffic, and room traffic through
-      # a rolling restart of every node (scripts/rolling_restart.sh).
+      # a rolling restart of every node (scripts/rolling_restart.sh; each node drains over SCALE_DRAIN).
       nodes=${SCALE_NODES:-6} conns=${SCALE_CONNECTIONS:-100000} procs=${SCALE_PROCS:-6}
       per_node=$(( (conns + nodes - 1) / nodes ))
       state=$(mktemp -d)
@@ -125,7 +129,7 @@ for s in "${scenarios[@]}"; do
       for i in $(seq 1 "$nodes"); do
         p=$(free_port)
         args=("$G" serve --listen "127.0.0.1:$p" --instance-id "n$i" --redis-url "redis://127.0.0.1:$RP/"
-          --workers 1 --history 'room:*=1000/10m' --drain-period 5s --max-connections "$((per_node + 100))")
+          --workers 1 --history 'room:*=1000/10m' --drain-period "${SCALE_DRAIN:-20s}" --max-connections "$((per_node + 100))")
         printf '%s\n' "${args[@]}" > "$state/n$i.args"
         echo "$p" > "$state/n$i.port"
         "${args[@]}" & echo $! > "$state/n$i.pid"
@@ -136,7 +140,7 @@ for s in "${scenarios[@]}"; do
       stop_nodes() { for f in "$state"/*.pid; do kill "$(cat "$f")" 2>/dev/null || true; done; }
       trap 'stop_nodes; cleanup; rm -rf "$state"' EXIT
       run scale $B scale --url "$(IFS=,; echo "${urls[*]}")" -n "$conns" --rooms 1000 \
-        --procs "$procs" --source-ips -c 256 --hold "${SCALE_HOLD:-10m}" --room-rate 200 \
+        --procs "$procs" -c 256 --hold "${SCALE_HOLD:-10m}" --room-rate 200 \
         --room-duration 30s --during "bash scripts/rolling_restart.sh $state"
       stop_nodes; cleanup; pids=(); trap cleanup EXIT ;;
     socketio)
