@@ -26,7 +26,7 @@ for args_file in "$dir"/*.args; do
   mapfile -t cmd < "$args_file"
   "${cmd[@]}" >/dev/null 2>&1 &
   echo $! > "$dir/$name.pid"
-  wait_until 30 "node $name ready" curl -fsS "http://127.0.0.1:$port/readyz" -o /dev/null
+  wait_until 90 "node $name ready" curl -fsS "http://127.0.0.1:$port/readyz" -o /dev/null
   # Its clients return to it (they reconnect to the address they had).
   want=$(( before * 99 / 100 ))
   wait_until 120 "node $name back to $want connections" at_least "$port" "$want"

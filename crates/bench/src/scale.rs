@@ -325,8 +325,9 @@ async fn connection(
             }
         }
         attempt += 1;
-        // Full jitter, growing to 2 s: clients of a restarted node do not return in lockstep.
-        let cap = Duration::from_millis(100u64 << attempt.min(5)).min(Duration::from_secs(2));
+        // Full jitter over 1 s, then 2, 4, and at most 5 s, as a client SDK backs off: the
+        // clients of a restarted node neither return in lockstep nor hammer it while it is down.
+        let cap = Duration::from_millis(500u64 << attempt.min(4)).min(Duration::from_secs(5));
         let pause = cap.mul_f64(fraction(&room, attempt));
         tokio::time::sleep(pause).await;
     }
