@@ -462,7 +462,10 @@ impl RedisBroker {
             let mut sink = sink;
             let mut first = true;
             loop {
-                if let Err(e) = self.reconcile(&mut sink).await {
+                // The first pass takes what is held when the connection comes up and then
+                // counts as ready: holds taken meanwhile (a node's clients reconnecting to it
+                // by the thousand) wait for the next passes, not the node's readiness.
+                if let Err(e) = self.reconcile(&mut sink, !first).await {
                     warn!(error = %e, "redis subscribe failed");
                     return;
                 }
@@ -539,7 +542,8 @@ impl RedisBroker {
     }
 
     /// Brings the connection's subscriptions in line with the holds, until nothing is left to do.
-    async fn reconcile(&self, sink: &mut PubSubSink) -> Result<(), BrokerError> {
+    /// With `until_idle`, passes again until one finds nothing to do; otherwise makes one pass.
+    async fn reconcile(&self, sink: &mut PubSubSink, until_idle: bool) -> Result<(), BrokerError> {
         loop {
             let (mut subscribe, mut unsubscribe) = (Vec::new(), Vec::new());
             {
@@ -579,6 +583,11 @@ impl RedisBroker {
                         }
                     }
                 }
+            }
+            if !until_idle {
+                // Whatever was held meanwhile gets the next pass.
+                self.changed.notify_one();
+                return Ok(());
             }
         }
     }
