@@ -128,7 +128,7 @@ impl Lane {
             // A lane without a connection connects for its next batch: while Redis is down,
             // each batch fails on its own connect (at once when refused, within the timeout
             // when unreachable).
-            let batch = self.batch(&mut conn, &jobs);
+            let batch = self.batch(&mut conn, &mut jobs);
             let replies = match tokio::time::timeout(self.timeout, batch).await {
                 Ok(r) => r,
                 Err(_) => Err(BrokerError::Timeout),
@@ -160,7 +160,7 @@ impl Lane {
     async fn batch(
         &self,
         conn: &mut Option<(u64, MultiplexedConnection)>,
-        jobs: &[Job],
+        jobs: &mut [Job],
     ) -> Result<Vec<Value>, BrokerError> {
         let generation = self.generation.load(Ordering::Acquire);
         if conn.as_ref().is_some_and(|(g, _)| *g != generation) {
@@ -180,10 +180,11 @@ impl Lane {
                     .map_err(redis_error)?,
             )),
         };
+        // The commands move into the pipeline: a message's bytes are not copied again here.
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        for job in jobs {
-            pipe.add_command(job.cmd.clone());
+        for job in jobs.iter_mut() {
+            pipe.add_command(std::mem::take(&mut job.cmd));
         }
         let mut values: Vec<Value> = pipe.query_async(conn).await.map_err(redis_error)?;
         if values.len() != jobs.len() {
@@ -198,8 +199,9 @@ impl Lane {
             load_library(conn, library).await?;
             let mut again = redis::pipe();
             again.ignore_errors();
+            let sent: Vec<&redis::Cmd> = pipe.cmd_iter().collect();
             for &i in &missing {
-                again.add_command(jobs[i].cmd.clone());
+                again.add_command(sent[i].clone());
             }
             let retried: Vec<Value> = again.query_async(conn).await.map_err(redis_error)?;
             for (i, value) in missing.into_iter().zip(retried) {

@@ -137,6 +137,12 @@ enum Wait {
 }
 
 impl Submitted {
+    /// Whether the message goes through Redis history: if that fails, it was published nowhere
+    /// (a plain message was still delivered on this node).
+    pub fn through_history(&self) -> bool {
+        matches!(self.wait, Wait::History(_))
+    }
+
     fn done(id: String, position: Result<Option<(u64, Arc<str>)>, BrokerError>) -> Self {
         Self {
             id,

@@ -95,11 +95,7 @@ struct Session<W> {
 /// The reply to one publish.
 enum InFlight {
     /// Waiting on the broker.
-    Publish {
-        id: u64,
-        history: bool,
-        submitted: Submitted,
-    },
+    Publish { id: u64, submitted: Submitted },
     /// Decided at once (an error), and queued behind earlier publishes to keep their order.
     Reply(String),
 }
@@ -110,11 +106,10 @@ fn next_reply(inflight: &mut VecDeque<InFlight>) -> impl Future<Output = String>
         let text = match inflight.front_mut() {
             None => return Poll::Pending,
             Some(InFlight::Reply(text)) => std::mem::take(text),
-            Some(InFlight::Publish {
-                id,
-                history,
-                submitted,
-            }) => publish_reply(*id, *history, ready!(Pin::new(submitted).poll(cx))),
+            Some(InFlight::Publish { id, submitted }) => {
+                let history = submitted.through_history();
+                publish_reply(*id, history, ready!(Pin::new(submitted).poll(cx)))
+            }
         };
         inflight.pop_front();
         Poll::Ready(text)

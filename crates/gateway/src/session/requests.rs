@@ -102,12 +102,7 @@ where
                 // the broker has the message, while the session goes on reading.
                 let lane = self.handle.id.as_u64_pair().0;
                 let submitted = self.node.submit(out, lane).await;
-                let history = self.node.policy.history(&channel).is_some();
-                self.inflight.push_back(InFlight::Publish {
-                    id,
-                    history,
-                    submitted,
-                });
+                self.inflight.push_back(InFlight::Publish { id, submitted });
                 Ok(())
             }
             ClientFrame::Ping { id } => self.reply(encode_pong(id)).await,
