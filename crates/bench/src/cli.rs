@@ -330,12 +330,6 @@ pub struct ScaleArgs {
     /// afterwards every connection must be back and hold every room message exactly once.
     #[arg(long)]
     pub during: Option<String>,
-    /// Give each worker process its own source address (127.0.1.1, 127.0.1.2, ...), for when
-    /// one address runs out of local ports. It has a price: a bind before connect makes the
-    /// kernel search the port range for every connection, which with tens of thousands of open
-    /// sockets turns a reconnect storm into a CPU storm in the load generator.
-    #[arg(long)]
-    pub source_ips: bool,
     #[command(flatten)]
     pub procs: Procs,
 }

@@ -4,11 +4,9 @@
 //! restart of the nodes) runs; then every connection must hold every room message exactly once.
 //!
 //! Connections live in worker processes (`pushgate-bench scale-worker`, one per `--procs`), each
-//! within its open-file limit and, with `--source-ips`, on its own 127.0.0.x source address so
-//! that reconnect storms do not run short of local ports.
+//! within its open-file limit.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,12 +16,7 @@ use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::http::header::AUTHORIZATION;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::cli::ScaleArgs;
 use crate::client::{self, Ws};
@@ -43,7 +36,6 @@ struct Spec {
     rooms: u64,
     room_prefix: String,
     concurrency: usize,
-    source_ip: Option<Ipv4Addr>,
     token: TokenSpec,
 }
 
@@ -271,7 +263,6 @@ async fn open_all(spec: &Spec, conns: &Arc<Vec<Arc<Conn>>>, shared: &Arc<Shared>
             room,
             conn.clone(),
             shared.clone(),
-            spec.source_ip,
             permit,
         ));
     }
@@ -288,14 +279,13 @@ async fn connection(
     room: String,
     conn: Arc<Conn>,
     shared: Arc<Shared>,
-    source_ip: Option<Ipv4Addr>,
     mut first: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {
     let mut attempt = 0u32;
     loop {
         let opened = tokio::time::timeout(
             client::OPEN_TIMEOUT,
-            open(&url, &token, &room, &conn, &shared, source_ip),
+            open(&url, &token, &room, &conn, &shared),
         )
         .await
         .unwrap_or_else(|_| Err("open timed out".into()));
@@ -340,37 +330,9 @@ async fn open(
     room: &str,
     conn: &Conn,
     shared: &Shared,
-    source_ip: Option<Ipv4Addr>,
 ) -> Result<Ws, String> {
-    let mut request = url
-        .into_client_request()
-        .map_err(|e| client::describe(&e))?;
-    let bearer = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| e.to_string())?;
-    request.headers_mut().insert(AUTHORIZATION, bearer);
-    let authority = request.uri().authority().map(|a| a.to_string());
-    let addr: SocketAddr = authority
-        .as_deref()
-        .and_then(|a| a.parse().ok())
-        .ok_or_else(|| format!("{url}: the scale run needs a host:port address"))?;
-    let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
-    if let Some(ip) = source_ip {
-        socket
-            .bind(SocketAddr::new(IpAddr::V4(ip), 0))
-            .map_err(|e| format!("bind: {e}"))?;
-    }
-    let stream = socket
-        .connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let _ = stream.set_nodelay(true);
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
-        request,
-        MaybeTlsStream::Plain(stream),
-        Some(client::ws_config()),
-    )
-    .await
-    .map_err(|e| client::describe(&e))?;
-    next_text(&mut ws).await?; // the welcome
+    // Handshake and welcome, as every bench client opens.
+    let mut ws = client::open(url, Some(token), None).await?;
     let last = conn.last.load(Ordering::Acquire);
     let epoch = lock(&conn.epoch).clone();
     let subscribe = match (&epoch, last) {
@@ -420,11 +382,7 @@ async fn next_text(ws: &mut Ws) -> Result<String, String> {
 }
 
 /// Reads deliveries until the connection ends; returns why it ended.
-async fn read(
-    mut ws: WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>,
-    conn: &Conn,
-    shared: &Shared,
-) -> String {
+async fn read(mut ws: Ws, conn: &Conn, shared: &Shared) -> String {
     loop {
         match ws.next().await {
             Some(Ok(Message::Text(text))) => {
@@ -720,9 +678,6 @@ pub async fn run(args: ScaleArgs) -> anyhow::Result<()> {
             rooms: args.rooms,
             room_prefix: args.room_prefix.clone(),
             concurrency: (args.concurrency / procs as usize).max(1),
-            source_ip: args
-                .source_ips
-                .then(|| Ipv4Addr::new(127, 0, 1, 1 + w as u8)),
             token: token.clone(),
         };
         workers.push(WorkerProcess::start(&spec).await?);
