@@ -2,8 +2,9 @@
 # pushgate's whole test suite, runnable on a fresh Debian machine with a Rust toolchain:
 # installs what the tests need (redis-server, openssl, Node.js, Chromium), then checks formatting
 # and lints, runs the unit, integration and cluster tests, the JavaScript SDK's tests and the
-# demo chat's browser test, and the Autobahn|Testsuite conformance cases
-# against /echo when the Autobahn runner is present (../shared/tools/autobahn or $AUTOBAHN_DIR).
+# browser tests of the demo chat and the admin console, and the Autobahn|Testsuite conformance
+# cases against /echo when the Autobahn runner is present (../shared/tools/autobahn or
+# $AUTOBAHN_DIR).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -13,8 +14,8 @@ command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 # nginx lives in /usr/sbin, which a non-root PATH may lack.
 command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
-# The JavaScript SDK's tests (clients/js): Node's test runner, npm, and Chromium for the demo
-# chat's browser test.
+# The JavaScript SDK's tests (clients/js): Node's test runner, npm, and Chromium for the browser
+# tests of the demo chat and the admin console.
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 [[ -x /usr/bin/chromium ]] || missing+=(chromium)
@@ -44,7 +45,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
 
 # The JavaScript SDK against real nodes (target/debug/pushgate, built by the tests above) and
-# Redis, and the demo chat in Chromium; screenshots go to target/screenshots/.
+# Redis, and the demo chat and the admin console in Chromium (the console also through nginx);
+# screenshots go to target/screenshots/.
 cargo build -p pushgate --locked
 (cd clients/js && npm ci --no-audit --no-fund && node --test)
 

@@ -4,9 +4,10 @@
 //! every `env = "PUSHGATE_..."` of a `serve` flag, with its default. Against it this checks
 //! `docker-compose.yml`, every manifest in `deploy/k8s/`, the systemd unit, the example
 //! environment files and the `Dockerfile`; and it checks that the nginx configuration lists the
-//! compose nodes, renders from its template, passes `nginx -t`, and proxies `wss://` to a real
-//! node with certificates from `deploy/tls/make-certs.sh`; and that the nodes trust nginx, and
-//! only nginx, for client addresses (`PUSHGATE_TRUSTED_PROXIES`), through real nginx too.
+//! compose nodes, renders from its template, passes `nginx -t`, and proxies `wss://` (and the
+//! API and admin console over `https://`) to a real node with certificates from
+//! `deploy/tls/make-certs.sh`; and that the nodes trust nginx, and only nginx, for client
+//! addresses (`PUSHGATE_TRUSTED_PROXIES`), through real nginx too.
 //!
 //! The helpers to run nginx and make certificates live in the test kit (`tests/src/lib.rs`),
 //! shared with the failure tests (`failover.rs`).
@@ -21,8 +22,8 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use pushgate_tests::{
-    Nginx, NodeProcess, Scratch, WAIT, free_port, make_certs, render_nginx, repo_root, run,
-    test_nginx_vars, token, tool,
+    API_KEY, Nginx, NodeProcess, Scratch, WAIT, free_port, make_certs, render_nginx, repo_root,
+    run, test_nginx_vars, token, tool,
 };
 use serde_yaml_ng::Value;
 
@@ -782,7 +783,13 @@ fn nginx_conf_proxies_websockets_as_intended() {
         .into_iter()
         .find(|server| server.contains("ssl_certificate"))
         .expect("an HTTPS server");
-    for location in ["location = /ws", "location = /healthz", "location = /sse"] {
+    for location in [
+        "location = /ws",
+        "location = /healthz",
+        "location = /sse",
+        "location /api/",
+        "location = /admin",
+    ] {
         assert!(
             block(https, location).contains("proxy_pass http://pushgate;"),
             "{location} is passed to the nodes"
@@ -894,6 +901,42 @@ async fn nginx_terminates_tls_and_proxies_websockets_to_a_node() {
         &format!("http://127.0.0.1:{http}/ws"),
     ]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "301");
+
+    // The admin console and the API it calls, through nginx (the node has an API key).
+    let out = curl(&["--cacert", &ca, "-i", &format!("{base}/admin")]);
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        page.starts_with("HTTP/1.1 200") && page.contains("<title>pushgate admin</title>"),
+        "no admin console through nginx: {page}"
+    );
+    let auth = format!("Authorization: Bearer {API_KEY}");
+    let out = curl(&[
+        "--cacert",
+        &ca,
+        "-H",
+        &auth,
+        &format!("{base}/api/channels"),
+    ]);
+    let channels: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("/api/channels through nginx: {e}: {out:?}"));
+    assert_eq!(
+        channels,
+        serde_json::json!({"channels": [], "approximate": false})
+    );
+    let out = curl(&[
+        "--cacert",
+        &ca,
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("{base}/api/channels"),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "401",
+        "the key is checked"
+    );
 
     // A WebSocket handshake through nginx: 101, then the node's welcome frame. curl does not
     // speak WebSocket, so it waits until --max-time and that exit status is expected.

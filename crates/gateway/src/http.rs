@@ -1,4 +1,5 @@
-//! HTTP: the WebSocket handshake (`/ws`, `/echo`), the server API (`/api/*`), health and metrics.
+//! HTTP: the WebSocket handshake (`/ws`, `/echo`), the server API (`/api/*`) and its admin
+//! console (`/admin`), health and metrics.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use subtle::ConstantTimeEq;
 use tracing::{debug, warn};
 
 use crate::auth::{AuthError, Grant};
-use crate::node::{Admission, Node, Outgoing, Refusal, parse_session_id};
+use crate::node::{Admission, Node, Outgoing, Refusal, TOP_CHANNELS, parse_session_id};
 use crate::session;
 
 /// How long `/echo` waits to deliver its close reply.
@@ -122,7 +123,9 @@ pub fn router(node: Arc<Node>) -> Router {
             .route("/api/stats", get(api_stats))
             .route("/api/history/{*channel}", get(api_history))
             .route("/api/presence/{*channel}", get(api_presence))
-            .route("/api/nodes", get(api_nodes));
+            .route("/api/nodes", get(api_nodes))
+            .route("/api/channels", get(api_channels))
+            .route("/admin", get(admin_page));
     }
     router.with_state(node)
 }
@@ -519,7 +522,7 @@ async fn api_history(
             HttpError::Unavailable
         })?;
     let messages: Vec<Box<RawJson>> = (read.entries.iter())
-        .filter_map(|(_, frame)| RawJson::from_string(frame.to_string()).ok())
+        .filter_map(|(_, frame)| RawJson::from_string(frame.text.to_string()).ok())
         .collect();
     Ok(Json(json!({
         "channel": channel,
@@ -559,11 +562,42 @@ async fn api_nodes(
     Ok(Json(json!({ "nodes": node.cluster() })).into_response())
 }
 
+/// Most channels `/api/channels` lists.
+const MAX_CHANNELS_LIMIT: usize = 100;
+
+/// `GET /api/channels?limit=N`: the cluster's busiest channels by subscribers, summed from what
+/// each node reports (its [`TOP_CHANNELS`] busiest), at most `N` (default `TOP_CHANNELS`, at
+/// most [`MAX_CHANNELS_LIMIT`]).
+async fn api_channels(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Response, HttpError> {
+    check_api_key(&node, &headers)?;
+    let limit = match pairs.iter().find(|(k, _)| k == "limit") {
+        None => TOP_CHANNELS,
+        Some((_, v)) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_CHANNELS_LIMIT).contains(n))
+            .ok_or_else(|| {
+                bad(
+                    "limit",
+                    format!("limit must be an integer from 1 to {MAX_CHANNELS_LIMIT}"),
+                )
+            })?,
+    };
+    Ok(Json(node.cluster_channels(limit)).into_response())
+}
+
 /// The JavaScript SDK, served so that pages can `import { Pushgate } from "/pushgate.js"`.
 const SDK_SCRIPT: &str = include_str!("../../../clients/js/pushgate.js");
 
 /// The demo chat page served at `/`.
 const CHAT_PAGE: &str = include_str!("../assets/chat.html");
+
+/// The admin console served at `/admin` (routed only with an API key).
+const ADMIN_PAGE: &str = include_str!("../assets/admin.html");
 
 /// Lifetime of a `/dev/token` token.
 const DEV_TOKEN_TTL: Duration = Duration::from_secs(3600);
@@ -586,6 +620,27 @@ async fn chat_page() -> Response {
             (header::CACHE_CONTROL, "no-cache"),
         ],
         CHAT_PAGE,
+    )
+        .into_response()
+}
+
+/// The page holds no secret (it asks for the API key and keeps it in memory); the headers keep
+/// it out of frames and caches and its requests on this origin.
+async fn admin_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; \
+                 frame-ancestors 'none'",
+            ),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        ADMIN_PAGE,
     )
         .into_response()
 }

@@ -22,8 +22,35 @@ use uuid::Uuid;
 
 use crate::metrics::Drops;
 
-/// An encoded text frame, shared by every recipient.
-pub type Frame = Utf8Bytes;
+/// An encoded text frame, shared by every recipient, with the timestamp of the message it
+/// carries: the delivery lag is measured from it when the frame is written to a socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub text: Utf8Bytes,
+    /// The message's `ts` (Unix milliseconds); 0 for a frame that is not a message.
+    pub ts: u64,
+}
+
+impl Frame {
+    pub fn message(text: String, ts: u64) -> Self {
+        Self {
+            text: text.into(),
+            ts,
+        }
+    }
+}
+
+impl From<String> for Frame {
+    fn from(text: String) -> Self {
+        Self::message(text, 0)
+    }
+}
+
+impl From<&str> for Frame {
+    fn from(text: &str) -> Self {
+        Self::message(text.to_owned(), 0)
+    }
+}
 
 /// A queue that holds more than this many frames' worth of capacity gives it back once drained.
 const KEEP_CAPACITY: usize = 32;
@@ -475,6 +502,39 @@ impl Hub {
             channels: read(&self.channels).len(),
         }
     }
+
+    /// The `k` channels with the most local subscribers, most first (ties by name). One pass
+    /// under the read lock keeping a heap of `k`: no sort of, and no allocation per, channel,
+    /// however many there are.
+    pub fn busiest_channels(&self, k: usize) -> Vec<(Arc<str>, usize)> {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        if k == 0 {
+            return Vec::new();
+        }
+        // The heap's top is the least busy channel kept: more subscribers, then the smaller
+        // name, rank higher.
+        let mut kept: BinaryHeap<Reverse<(usize, Reverse<Arc<str>>)>> =
+            BinaryHeap::with_capacity(k + 1);
+        for (name, members) in read(&self.channels).iter() {
+            let n = members.len();
+            if kept.len() == k {
+                let Some(Reverse((least, Reverse(least_name)))) = kept.peek() else {
+                    break;
+                };
+                if (n, Reverse(name)) <= (*least, Reverse(least_name)) {
+                    continue;
+                }
+                kept.pop();
+            }
+            kept.push(Reverse((n, Reverse(name.clone()))));
+        }
+        // Ascending order of `Reverse(...)` is busiest first.
+        kept.into_sorted_vec()
+            .into_iter()
+            .map(|Reverse((n, Reverse(name)))| (name, n))
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -485,6 +545,49 @@ mod tests {
     fn hub() -> (Hub, Metrics) {
         let m = Metrics::new();
         (Hub::new(m.deliveries.clone(), m.drops.clone()), m)
+    }
+
+    #[test]
+    fn busiest_channels_are_the_top_k_by_subscribers() {
+        let (hub, _) = hub();
+        assert!(hub.busiest_channels(3).is_empty());
+        let sessions: Vec<_> = (0..10)
+            .map(|i| SessionHandle::new(format!("u{i}").into(), 8))
+            .collect();
+        // Channel c{n} has n subscribers; "tie" has 4, like c4, and comes after it by name.
+        for n in 1..=9 {
+            for s in &sessions[..n] {
+                hub.join(&format!("c{n}"), s);
+            }
+        }
+        for s in &sessions[..4] {
+            hub.join("tie", s);
+        }
+        let top = |k| -> Vec<(String, usize)> {
+            hub.busiest_channels(k)
+                .into_iter()
+                .map(|(c, n)| (c.to_string(), n))
+                .collect()
+        };
+        assert_eq!(
+            top(3),
+            [("c9".into(), 9), ("c8".into(), 8), ("c7".into(), 7)]
+        );
+        let six = top(6);
+        assert_eq!(six[4..], [("c5".into(), 5), ("c4".into(), 4)]);
+        let seven = top(7);
+        assert_eq!(seven[5..], [("c4".into(), 4), ("tie".into(), 4)]);
+        assert_eq!(
+            top(100).len(),
+            10,
+            "k beyond the channel count gives them all"
+        );
+        assert!(top(0).is_empty());
+        // Leaving changes the ranking.
+        for s in &sessions[..9] {
+            hub.leave("c9", s.id);
+        }
+        assert_eq!(top(1), [("c8".into(), 8)]);
     }
 
     #[test]
@@ -581,7 +684,12 @@ mod tests {
         let first = a.next_entry().unwrap();
         let tag = first.tag.clone().unwrap();
         assert_eq!(
-            (&*tag.channel, &*tag.epoch, tag.offset, first.frame.as_str()),
+            (
+                &*tag.channel,
+                &*tag.epoch,
+                tag.offset,
+                first.frame.text.as_str()
+            ),
             ("h", "e1", 1, "m1")
         );
         // One tag per message, shared by every recipient.
@@ -663,7 +771,7 @@ mod tests {
             seen.extend(
                 batch
                     .drain(..)
-                    .map(|q| q.frame.as_str().parse::<u32>().unwrap()),
+                    .map(|q| q.frame.text.as_str().parse::<u32>().unwrap()),
             );
             release_spare(&mut batch);
         }

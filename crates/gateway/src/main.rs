@@ -92,6 +92,7 @@ fn dev_setup(args: &mut ServeArgs) {
             "  publish:    curl -H 'Authorization: Bearer {}' -d '{{\"channel\":\"news\",\"data\":\"hi\"}}' http://{base}/api/publish",
             key.expose()
         );
+        println!("  admin:      http://{base}/admin (sign in with the API key)");
     }
     let history: Vec<String> = args
         .history

@@ -68,6 +68,10 @@ pub struct Metrics {
     pub redis_probe_failures: Counter,
     pub redis_subscriptions: Gauge,
     pub redis_publish_seconds: Histogram,
+    /// From a message's `ts` to its frame written to a client's socket, per delivery.
+    pub delivery_lag_seconds: Histogram,
+    /// From a message's `ts` on the publishing node to its receipt from Redis on another node.
+    pub redis_hop_seconds: Histogram,
     pub history_recoveries: Recoveries,
     /// Gaps in a connection's history messages filled from history.
     pub history_gaps: Counter,
@@ -191,6 +195,23 @@ impl Metrics {
             redis_publish_seconds.clone(),
         );
 
+        // `ts` has millisecond resolution, so nothing finer than a millisecond is told apart.
+        let lag_buckets = [
+            0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
+        let delivery_lag_seconds = Histogram::new(lag_buckets);
+        registry.register(
+            "delivery_lag_seconds",
+            "From a message's timestamp (where it was published) to its frame written to a client's socket",
+            delivery_lag_seconds.clone(),
+        );
+        let redis_hop_seconds = Histogram::new(lag_buckets);
+        registry.register(
+            "redis_hop_seconds",
+            "From a message's timestamp on the publishing node to its receipt from Redis on this node",
+            redis_hop_seconds.clone(),
+        );
+
         let recoveries = Family::<Outcome, Counter>::default();
         registry.register(
             "history_recoveries",
@@ -231,6 +252,8 @@ impl Metrics {
             redis_probe_failures,
             redis_subscriptions,
             redis_publish_seconds,
+            delivery_lag_seconds,
+            redis_hop_seconds,
             history_recoveries,
             history_gaps,
             history_lost,
@@ -252,6 +275,19 @@ impl Metrics {
 
 /// `process_resident_memory_bytes`, `process_open_fds` and `process_max_fds`, read from
 /// `/proc` on each scrape.
+/// The wall clock in Unix seconds, to compare with messages' timestamps.
+pub fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Seconds from `ts` (Unix milliseconds, truncated: the figure overstates by up to 1 ms) to
+/// `now`. Hosts' clocks may disagree: a timestamp ahead of `now` counts as no lag.
+pub fn lag_since(now: f64, ts: u64) -> f64 {
+    (now - ts as f64 / 1000.0).max(0.0)
+}
+
 #[derive(Debug)]
 struct ProcessCollector;
 

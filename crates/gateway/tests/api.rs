@@ -43,10 +43,13 @@ async fn without_an_api_key_the_api_does_not_exist() {
         let (status, _) = post(&base, path, Some(API_KEY), r#"{"data":1,"broadcast":true}"#).await;
         assert_eq!(status, 404, "{path}");
     }
-    assert_eq!(
-        get(&format!("{base}/api/stats"), Some(API_KEY)).await.0,
-        404
-    );
+    for path in ["/api/stats", "/api/channels", "/admin"] {
+        assert_eq!(
+            get(&format!("{base}{path}"), Some(API_KEY)).await.0,
+            404,
+            "{path}"
+        );
+    }
     // The rest of the node works.
     assert_eq!(get(&format!("{base}/readyz"), None).await.0, 200);
 }
@@ -266,13 +269,96 @@ async fn stats_describe_the_node_and_cluster() {
         "users": 1,
         "channels": 2,
         "draining": false,
+        "broker": "embedded",
+        "broker_ready": true,
+        "top_channels": [{"channel": "x", "subscribers": 1}, {"channel": "y", "subscribers": 1}],
     });
-    assert_eq!(stats["node"], me, "{stats}");
+    assert_fields(&stats["node"], &me);
+    for sample in ["uptime_secs", "deliveries", "ts"] {
+        assert!(stats["node"][sample].is_u64(), "{sample}: {stats}");
+    }
     assert_eq!(stats["broker"], "embedded");
     assert_eq!(stats["broker_ready"], true);
     assert!(stats["uptime_secs"].is_u64(), "{stats}");
-    assert_eq!(stats["cluster"]["nodes"], json!([me]), "{stats}");
+    let nodes = stats["cluster"]["nodes"].as_array().expect("cluster.nodes");
+    assert_eq!(nodes.len(), 1, "{stats}");
+    assert_fields(&nodes[0], &me);
     assert_eq!(stats["cluster"]["connections"], 2);
+}
+
+/// Every field of `expected` (an object) has its value in `got`.
+fn assert_fields(got: &Value, expected: &Value) {
+    for (k, v) in expected.as_object().expect("an object") {
+        assert_eq!(&got[k], v, "{k} in {got}");
+    }
+}
+
+#[tokio::test]
+async fn channels_lists_the_busiest_by_subscribers() {
+    let node = TestNode::start(&[]).await;
+    let base = node.base();
+    let mut clients = Vec::new();
+    // busy: 3 subscribers, calm: 2, quiet: 1.
+    for (user, channels) in [
+        ("alice", &["busy", "calm", "quiet"][..]),
+        ("bob", &["busy", "calm"]),
+        ("carol", &["busy"]),
+    ] {
+        let mut c = Client::connect(&node.ws_url(), &token(user, &["*"], &[]))
+            .await
+            .unwrap();
+        for channel in channels {
+            c.subscribe(channel).await;
+        }
+        clients.push(c);
+    }
+    let channels = |limit: &str| {
+        let url = format!("{base}/api/channels{limit}");
+        async move {
+            let (status, text) = get(&url, Some(API_KEY)).await;
+            (
+                status,
+                serde_json::from_str::<Value>(&text).unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (status, all) = channels("").await;
+    assert_eq!(status, 200, "{all}");
+    assert_eq!(
+        all,
+        json!({"channels": [
+            {"channel": "busy", "subscribers": 3, "nodes": 1},
+            {"channel": "calm", "subscribers": 2, "nodes": 1},
+            {"channel": "quiet", "subscribers": 1, "nodes": 1},
+        ], "approximate": false})
+    );
+    let (_, top) = channels("?limit=1").await;
+    assert_eq!(
+        top["channels"],
+        json!([{"channel": "busy", "subscribers": 3, "nodes": 1}])
+    );
+
+    for bad in ["0", "101", "-1", "ten", ""] {
+        let (status, body) = channels(&format!("?limit={bad}")).await;
+        assert_eq!(status, 400, "limit={bad}: {body}");
+        assert_eq!(body["field"], "limit", "{body}");
+        assert_eq!(body["error"], "bad_request", "{body}");
+    }
+    for key in [None, Some("wrong")] {
+        let (status, _) = get(&format!("{base}/api/channels"), key).await;
+        assert_eq!(status, 401, "{key:?}");
+    }
+
+    // The last subscriber to leave takes the channel out of the list.
+    drop(clients.remove(0));
+    eventually("alice's subscriptions are gone", || async {
+        channels("").await.1["channels"]
+            == json!([
+                {"channel": "busy", "subscribers": 2, "nodes": 1},
+                {"channel": "calm", "subscribers": 1, "nodes": 1},
+            ])
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
 //! What the gateway serves to browsers: the demo chat at `/`, the JavaScript SDK at
-//! `/pushgate.js`, and `/dev/token`, which exists only in `--dev` mode.
+//! `/pushgate.js`, the admin console at `/admin` (only with an API key), and `/dev/token`, which
+//! exists only in `--dev` mode.
 
 mod common;
 
@@ -34,6 +35,37 @@ async fn the_sdk_and_the_chat_page_are_served() {
     assert_eq!(status, 200);
     assert!(content_type.starts_with("text/html"), "{content_type}");
     assert!(body.contains(r#"from "/pushgate.js""#));
+}
+
+#[tokio::test]
+async fn the_admin_console_is_served_only_with_an_api_key() {
+    let node = TestNode::start(&[]).await;
+    let response = reqwest::get(format!("{}/admin", node.base()))
+        .await
+        .expect("GET /admin");
+    assert_eq!(response.status().as_u16(), 200);
+    let header = |name: &str| {
+        (response.headers().get(name))
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    assert!(header("content-type").starts_with("text/html"));
+    // Not framed by other sites, and talking to this origin only.
+    let csp = header("content-security-policy");
+    assert!(
+        csp.contains("frame-ancestors 'none'") && csp.contains("connect-src 'self'"),
+        "{csp}"
+    );
+    let body = response.text().await.unwrap();
+    assert_eq!(body, include_str!("../assets/admin.html"));
+    // The key is held in memory, never stored by the page.
+    for storage in ["localStorage", "sessionStorage", "document.cookie"] {
+        assert!(!body.contains(storage), "the page uses {storage}");
+    }
+
+    let bare = TestNode::start_bare(&["--jwt-secret", SECRET]).await;
+    let (status, _, _) = get(&format!("{}/admin", bare.base())).await;
+    assert_eq!(status, 404);
 }
 
 #[tokio::test]

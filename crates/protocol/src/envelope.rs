@@ -222,6 +222,9 @@ pub enum ControlMessage {
 }
 
 /// A node's view of itself, as published in its heartbeat.
+///
+/// Fields after `draining` came later: each has a default, so that nodes of different versions
+/// read each other's heartbeats (a field a node does not send reads as 0, empty or false).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStats {
     pub node: String,
@@ -229,6 +232,32 @@ pub struct NodeStats {
     pub users: u64,
     pub channels: u64,
     pub draining: bool,
+    /// Seconds since the node started.
+    #[serde(default)]
+    pub uptime_secs: u64,
+    /// `redis` or `embedded`.
+    #[serde(default)]
+    pub broker: String,
+    /// Whether the broker is connected and subscribed (always true when embedded).
+    #[serde(default)]
+    pub broker_ready: bool,
+    /// Frames written into client queues since the node started: two samples make a rate.
+    #[serde(default)]
+    pub deliveries: u64,
+    /// Unix milliseconds when these figures were taken, the time base for such rates.
+    #[serde(default)]
+    pub ts: u64,
+    /// The node's busiest channels by local subscribers, most first, at most a fixed few: all of
+    /// its channels when `channels` is no more than their count.
+    #[serde(default)]
+    pub top_channels: Vec<ChannelCount>,
+}
+
+/// A channel and how many subscribers it has (on one node, or summed over several).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelCount {
+    pub channel: String,
+    pub subscribers: u64,
 }
 
 impl ControlMessage {
@@ -379,6 +408,15 @@ mod tests {
                 users: 2,
                 channels: 1,
                 draining: false,
+                uptime_secs: 60,
+                broker: "redis".into(),
+                broker_ready: true,
+                deliveries: 1234,
+                ts: 1_700_000_000_000,
+                top_channels: vec![ChannelCount {
+                    channel: "room:1".into(),
+                    subscribers: 3,
+                }],
             }),
         ];
         for m in msgs {
@@ -386,6 +424,24 @@ mod tests {
         }
         assert!(ControlMessage::decode(br#"{"op":"reboot"}"#).is_err());
         assert!(ControlMessage::decode(br#"{"op":"disconnect"}"#).is_err());
+    }
+
+    #[test]
+    fn heartbeats_of_older_nodes_still_decode() {
+        let old = br#"{"op":"heartbeat","node":"n0","connections":2,"users":1,"channels":1,"draining":false}"#;
+        let ControlMessage::Heartbeat(stats) = ControlMessage::decode(old).unwrap() else {
+            panic!("not a heartbeat");
+        };
+        assert_eq!((stats.node.as_str(), stats.connections), ("n0", 2));
+        assert_eq!((stats.uptime_secs, stats.deliveries, stats.ts), (0, 0, 0));
+        assert_eq!((stats.broker.as_str(), stats.broker_ready), ("", false));
+        assert!(stats.top_channels.is_empty());
+        // And what a newer node sends has every field an older one requires.
+        let beat = ControlMessage::Heartbeat(stats).encode();
+        let value: serde_json::Value = serde_json::from_slice(&beat).unwrap();
+        for field in ["node", "connections", "users", "channels", "draining"] {
+            assert!(value.get(field).is_some(), "{field} missing from {value}");
+        }
     }
 
     proptest! {

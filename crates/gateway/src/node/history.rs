@@ -57,7 +57,7 @@ impl Node {
 
     pub(super) fn encode_at(&self, m: &MessageRef<'_>, offset: u64, epoch: &str) -> Frame {
         self.metrics.encodes.inc();
-        Frame::from(encode_message_at(m, offset, epoch))
+        Frame::message(encode_message_at(m, offset, epoch), m.ts)
     }
 
     /// The message frame of a history entry as the publish function stored it. A backend's

@@ -28,8 +28,11 @@ use crate::history::{MemoryHistory, Policy};
 use crate::hub::{Frame, Hub};
 use crate::metrics::Metrics;
 
+mod channels;
 mod history;
 mod presence;
+
+pub use channels::{ChannelsDoc, ClusterChannel, TOP_CHANNELS};
 
 pub struct Node {
     pub config: ServeArgs,
@@ -302,7 +305,7 @@ impl Node {
     /// Encodes a delivery once; every recipient shares the bytes.
     fn encode(&self, m: &MessageRef<'_>) -> Frame {
         self.metrics.encodes.inc();
-        Frame::from(encode_message(m))
+        Frame::message(encode_message(m), m.ts)
     }
 
     fn deliver_locally(&self, m: &MessageRef<'_>) -> usize {
@@ -351,8 +354,6 @@ impl Node {
             return self.submit_history(channel, rule, out, lane).await;
         }
         let (id, ts) = (Uuid::now_v7().to_string(), unix_millis());
-        let m = out.message(&id, ts);
-        self.deliver_locally(&m);
         let envelope = out.envelope(&id, ts, &self.instance);
         let (topic, payload) = match out.target {
             Target::Channel(c) => (self.topics.channel(c), envelope.encode()),
@@ -368,10 +369,17 @@ impl Node {
                     .encode(),
                 ),
                 // Local, or not a session ID at all: nowhere else to send it.
-                _ => return Submitted::done(id, Ok(None)),
+                _ => {
+                    self.deliver_locally(&out.message(&id, ts));
+                    return Submitted::done(id, Ok(None));
+                }
             },
         };
+        // To the other nodes first, then to this node's clients: the fan-out wakes every local
+        // recipient's task, and the publishing lane's task, woken before them, then runs before
+        // them, so that the other nodes deliver while this one does.
         let sent = self.broker.send(lane, &topic, &payload).await;
+        self.deliver_locally(&out.message(&id, ts));
         Submitted {
             id,
             wait: Wait::Plain(sent),
@@ -398,12 +406,24 @@ impl Node {
         let Some(stamp) = stamp else {
             return self.on_plain(Target::Channel(channel), e);
         };
+        self.observe_hop(&e);
         let frame = received(&e, Target::Channel(channel), Some(&stamp), |m| {
             self.encode_at(m, stamp.offset, &stamp.epoch)
         });
         self.hub
             .to_channel_at(channel, &frame, &stamp.epoch, stamp.offset);
         Ok(())
+    }
+
+    /// The Redis hop of a message another node published (a backend's message has no origin,
+    /// and its timestamp, if any, was not stamped at a node).
+    fn observe_hop(&self, e: &Envelope<'_>) {
+        if let (Some(origin), Some(ts)) = (&e.origin, e.ts)
+            && **origin != *self.instance
+        {
+            let hop = crate::metrics::lag_since(crate::metrics::unix_seconds(), ts);
+            self.metrics.redis_hop_seconds.observe(hop);
+        }
     }
 
     fn on_envelope(&self, target: Target<'_>, payload: &[u8]) -> Result<(), EnvelopeError> {
@@ -414,6 +434,7 @@ impl Node {
         if e.origin.as_deref() == Some(&*self.instance) {
             return Ok(()); // our own echo: delivered when published
         }
+        self.observe_hop(&e);
         received(&e, target, None, |m| self.deliver_locally(m));
         Ok(())
     }
@@ -424,6 +445,7 @@ impl Node {
                 let Some((_, id)) = parse_session_id(&session) else {
                     return Err(EnvelopeError::MissingSession);
                 };
+                self.observe_hop(&envelope);
                 let frame = received(&envelope, Target::Session(&session), None, |m| {
                     self.encode(m)
                 });
@@ -464,6 +486,12 @@ impl Node {
             users: c.users as u64,
             channels: c.channels as u64,
             draining: self.is_draining(),
+            uptime_secs: self.uptime().as_secs(),
+            broker: self.broker_kind().into(),
+            broker_ready: self.broker.is_ready(),
+            deliveries: self.metrics.deliveries.get(),
+            ts: unix_millis(),
+            top_channels: self.top_channels(),
         }
     }
 
@@ -641,10 +669,7 @@ impl Node {
         let nodes = self.cluster();
         StatsDoc {
             node: self.stats(),
-            broker: match self.broker {
-                Broker::Embedded => "embedded",
-                Broker::Redis(_) => "redis",
-            },
+            broker: self.broker_kind(),
             broker_ready: self.broker.is_ready(),
             uptime_secs: self.uptime().as_secs(),
             cluster: ClusterDoc {

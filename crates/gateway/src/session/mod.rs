@@ -31,6 +31,7 @@ use tracing::{Instrument, debug, debug_span};
 use crate::auth::{Grant, unix_now};
 use crate::broker::BrokerError;
 use crate::hub::{self, Frame, Queued, SessionHandle};
+use crate::metrics;
 use crate::node::{Admission, Node, Published, Submitted};
 
 mod ordering;
@@ -390,6 +391,8 @@ where
     /// the session's per-channel position: duplicates are dropped, gaps filled first.
     async fn write_queued(&mut self) -> Result<(), Stop> {
         let mut budget = WRITE_BATCH;
+        // One clock reading per batch: the batch goes out in one flush.
+        let now = metrics::unix_seconds();
         while budget > 0 {
             let (node, handle, sink, subs, batch) = (
                 &self.node,
@@ -414,7 +417,11 @@ where
                     };
                     match verdict {
                         Verdict::Send => {
-                            sink.feed(Message::Text(entry.frame)).await?;
+                            if entry.frame.ts != 0 {
+                                let lag = &node.metrics.delivery_lag_seconds;
+                                lag.observe(metrics::lag_since(now, entry.frame.ts));
+                            }
+                            sink.feed(Message::Text(entry.frame.text)).await?;
                             written += 1;
                         }
                         Verdict::Skip => {}
@@ -533,8 +540,13 @@ where
             if let Some(text) = first {
                 sink.feed(Message::Text(text.into())).await?;
             }
+            let now = metrics::unix_seconds();
             for frame in frames {
-                sink.feed(Message::Text(frame)).await?;
+                if frame.ts != 0 {
+                    let lag = &node.metrics.delivery_lag_seconds;
+                    lag.observe(metrics::lag_since(now, frame.ts));
+                }
+                sink.feed(Message::Text(frame.text)).await?;
             }
             sink.flush().await
         };
