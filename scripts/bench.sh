@@ -81,8 +81,11 @@ for s in "${scenarios[@]}"; do
       if [[ $parts == *" findmax "* ]]; then
         for subs in ${MISSION_SUBS:-2000 10000}; do
           rm -f "$out"/mission-"$subs"-*.txt
-          # Where the search starts: a burst to 10,000 subscribers alone takes ~100 ms here.
-          start=$(( subs >= 10000 ? 4 : 100 ))
+          # Where the search starts (the same for pushgate and the baseline). With 10,000
+          # subscribers a 5-second step at a few msg/s holds only a few dozen bursts of 10,000
+          # deliveries, so one slow burst fails the step and ends the search far below the
+          # sustained rate; from 20 msg/s each step holds 100 or more.
+          start=$(( subs >= 10000 ? 20 : 100 ))
           for via in ws http redis; do
             # One HTTP client waits for each response: several publish side by side.
             publishers=1; [[ $via == http ]] && publishers=8
@@ -97,12 +100,16 @@ for s in "${scenarios[@]}"; do
       if [[ $parts == *" moderate "* ]]; then
         # A moderate load, where latency is what matters: 25 msg/s to 2,000 subscribers, in
         # alternating rounds (single runs swing by several ms on two shared cores).
-        rm -f "$out"/mission-moderate-*.txt
+        rm -f "$out"/mission-moderate-*.txt "$out"/mission-moderate-*.metrics
         cluster
+        # The nodes' own latency histograms around each run (delivery lag, Redis hop).
+        scrape() { curl -fsS "http://127.0.0.1:$p1/metrics" >"$out/$1-n1.metrics"; curl -fsS "http://127.0.0.1:$p2/metrics" >"$out/$1-n2.metrics"; }
         for round in $(seq 1 "${MODERATE_ROUNDS:-3}"); do
           for via in ws http redis; do
+            scrape "mission-moderate-$via-$round-before"
             run "mission-moderate-$via-$round" $B fanout --url "$URLS" -s 2000 -p 1 --via "$via" \
               --redis-url "redis://127.0.0.1:$RP/" -r 25 --payload-size 100 --duration 10s
+            scrape "mission-moderate-$via-$round-after"
           done
           run "mission-moderate-baseline-$round" $B baseline fanout -s 2000 -p 1 -r 25 --payload-size 100 --duration 10s
         done

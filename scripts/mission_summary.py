@@ -1,9 +1,11 @@
 """Summarises `scripts/bench.sh mission`: for each subscriber count, the highest zero-loss rate with
 p99 < 250 ms for client, API and backend publishes on 2 nodes + Redis against the baseline; the
-moderate-load latencies; one connection's publish rate; idle memory per connection."""
+moderate-load latencies (and the nodes' own delivery-lag and Redis-hop histograms over those
+runs); one connection's publish rate; idle memory per connection."""
 
 import json
 import os
+import re
 import statistics
 import sys
 
@@ -16,6 +18,59 @@ def load(out, name):
         if line.startswith("{"):
             return json.loads(line)
     return None
+
+
+def buckets(path, metric):
+    """A histogram's cumulative buckets, {le: count}, from a /metrics scrape."""
+    found = {}
+    if not os.path.exists(path):
+        return found
+    pattern = re.compile(rf'^{metric}_bucket\{{le="([^"]+)"\}} (\S+)$')
+    for line in open(path):
+        m = pattern.match(line.strip())
+        if m:
+            found[float(m.group(1))] = float(m.group(2))
+    return found
+
+
+def quantile(q, cumulative):
+    """Like PromQL's histogram_quantile: linear within the bucket that holds the rank."""
+    bounds = sorted(cumulative)
+    if not bounds or cumulative[bounds[-1]] <= 0:
+        return None
+    rank = q * cumulative[bounds[-1]]
+    lower, below = 0.0, 0.0
+    for le in bounds:
+        if cumulative[le] >= rank:
+            if le == float("inf"):
+                return lower
+            return lower + (le - lower) * (rank - below) / max(cumulative[le] - below, 1e-9)
+        lower, below = le, cumulative[le]
+    return None
+
+
+def node_latency(out, via):
+    """The nodes' delivery lag (n1, n2) and Redis hop (n2) over the moderate runs of `via`,
+    from the scrapes before and after each run."""
+    parts = []
+    for node, metric, label in (
+        ("n1", "pushgate_delivery_lag_seconds", "lag n1"),
+        ("n2", "pushgate_delivery_lag_seconds", "lag n2"),
+        ("n2", "pushgate_redis_hop_seconds", "hop n2"),
+    ):
+        total = {}
+        for f in os.listdir(out):
+            m = re.match(rf"mission-moderate-{via}-(\d+)-after-{node}\.metrics$", f)
+            if not m:
+                continue
+            after = buckets(f"{out}/{f}", metric)
+            before = buckets(f"{out}/mission-moderate-{via}-{m.group(1)}-before-{node}.metrics", metric)
+            for le, n in after.items():
+                total[le] = total.get(le, 0.0) + n - before.get(le, 0.0)
+        p50, p99 = quantile(0.5, total), quantile(0.99, total)
+        if p50 is not None:
+            parts.append(f"{label} p50 {p50 * 1000:.1f} p99 {p99 * 1000:.1f}")
+    return "; ".join(parts)
 
 
 def main(out):
@@ -50,6 +105,8 @@ def main(out):
         each = ", ".join(f"{r['latency']['p99_ms']:.1f}" for r in runs)
         loss = sum(r["loss"] for r in runs)
         print(f"  {name:<8} p50 {p50:.2f}  p99 {p99:.2f}  (p99 per round: {each})  loss {loss}")
+        if name != "baseline" and (nodes := node_latency(out, name)):
+            print(f"           node histograms, ms (ts has 1 ms resolution): {nodes}")
     r = load(out, "one-connection")
     if r is not None:
         print(
