@@ -81,6 +81,30 @@ export interface Ack {
   recovered?: boolean;
 }
 
+/** The reply to `history`: a history channel's last messages, oldest first. */
+export interface HistoryReply<T = unknown> {
+  type: "history";
+  id: number;
+  channel: string;
+  /** Where the messages run up to: `subscribe(channel, fn, { since: position })` continues from there. */
+  position: Position;
+  /** As deliveries of the channel look, each with its `offset` and `epoch`. */
+  messages: Message<T>[];
+}
+
+/** Options of `subscribe`. */
+export interface SubscribeOptions {
+  /** A position on a history channel: what came after it is sent first (recovery). */
+  since?: Position;
+  /**
+   * Start with the channel's last messages (at most the node's --history-request-limit):
+   * they come first, then the live ones, none twice and none missed between them. Only the
+   * first subscribe asks for them; after a reconnect the client recovers from its last
+   * position. Ignored with `since`, and by another handle of a channel already subscribed.
+   */
+  recent?: number;
+}
+
 export interface PresenceEntry {
   user: string;
   session: string;
@@ -93,6 +117,17 @@ export interface PresenceReply {
   id: number;
   channel: string;
   clients: PresenceEntry[];
+}
+
+/**
+ * A join or leave on a channel the nodes send presence events for (`--presence-events`).
+ * Per user: `join` when the user's first connection subscribes, `leave` when their last one
+ * is gone (unsubscribed, disconnected, or its node died). `session` is that connection.
+ */
+export interface PresenceEvent {
+  channel: string;
+  user: string;
+  session: string;
 }
 
 export type State = "offline" | "connecting" | "connected" | "reconnecting";
@@ -130,6 +165,10 @@ export interface Events {
   refreshed: { exp: number };
   /** Deliveries to the user, the session or everyone (not to a channel). */
   message: Message;
+  /** A user's first connection subscribed to a subscribed channel with presence events. */
+  join: PresenceEvent;
+  /** A user's last connection left a subscribed channel with presence events. */
+  leave: PresenceEvent;
 }
 
 /** Codes: the server's (`bad_request`, `forbidden`, `not_found`, `rate_limited`, `too_large`,
@@ -169,10 +208,16 @@ export class Pushgate {
   subscribe<T = unknown>(
     channel: string,
     onMessage: (message: Message<T>) => void,
-    options?: { since?: Position },
+    options?: SubscribeOptions,
   ): Subscription<T>;
   publish(channel: string, data: unknown): Promise<Ack>;
   presence(channel: string): Promise<PresenceReply>;
+  /**
+   * The last messages of a history channel and its position; `limit` at most (the node's
+   * --history-request-limit when absent or larger). Rejects with `not_found` on a channel
+   * without history, `forbidden` when the token does not grant subscribing to it.
+   */
+  history<T = unknown>(channel: string, options?: { limit?: number }): Promise<HistoryReply<T>>;
   /** The channels subscribed, or to be subscribed at the next connection. */
   channels(): string[];
 }

@@ -143,8 +143,10 @@ export class Pushgate {
    * reconnected}, `disconnected` {code, reason, connected, reconnect, delay}, `error` (a
    * PushgateError), `state` (state, previous), `subscribed` {channel, resubscribed, recovered,
    * position}, `unsubscribed` {channel, code, reason}, `refreshed` {exp}, `message` (deliveries
-   * addressed to the user, the session or everyone rather than to a channel). Returns a
-   * function that removes the listener.
+   * addressed to the user, the session or everyone rather than to a channel), `join` and
+   * `leave` {channel, user, session} (a user's first connection subscribed to a subscribed
+   * channel with presence events, or their last one left). Returns a function that removes
+   * the listener.
    */
   on(event, fn) {
     if (!this._listeners.has(event)) this._listeners.set(event, new Set());
@@ -472,6 +474,13 @@ export class Pushgate {
       case "message":
         this._onMessage(f);
         return;
+      case "join":
+      case "leave":
+        // Presence events of a channel with --presence-events: while subscribed to it.
+        if (this._subs.has(f.channel)) {
+          this._emit(f.type, { channel: f.channel, user: f.user, session: f.session });
+        }
+        return;
       case "unsubscribed": {
         const state = this._subs.get(f.channel);
         if (state && f.code === "history_lost") {
@@ -645,12 +654,32 @@ export class Pushgate {
     return this._request({ type: "presence", channel });
   }
 
+  /**
+   * The last messages of the history channel `channel`, oldest first: resolves with the
+   * server's reply frame, `{channel, position: {offset, epoch}, messages}`. `options.limit`
+   * asks for at most that many (the node allows at most its --history-request-limit, 100 by
+   * default, which is also what no limit gets). `position` is where the messages run up to: a
+   * `subscribe` with `since: position` continues from there. Needs no subscription, only a
+   * token that grants subscribing to the channel; rejects with `not_found` on a channel
+   * without history. Waits for a connection if there is none.
+   */
+  history(channel, options = {}) {
+    const frame = { type: "history", channel };
+    if (options.limit !== undefined && options.limit !== null) frame.limit = options.limit;
+    return this._request(frame);
+  }
+
   // ---- subscriptions ----
 
   /**
    * Subscribes to `channel`; `onMessage(message)` gets each delivery frame
    * (`{id, ts, from, channel, data}`, plus `offset` and `epoch` on history channels).
    * `options.since` (`{offset, epoch}`) asks a history channel for what came after it.
+   * `options.recent` (a count) starts with the channel's last messages: they come first, then
+   * the live ones, none twice and none missed between them (at most the node's
+   * --history-request-limit). Only the first subscribe asks for them: after a reconnect the
+   * client recovers from its last position as with any subscription. Both options apply when
+   * the call starts the channel's subscription, not to another handle of a subscribed channel.
    */
   subscribe(channel, onMessage, options = {}) {
     let state = this._subs.get(channel);
@@ -665,6 +694,8 @@ export class Pushgate {
         channel,
         handlers: new Set(),
         position: options.since || null,
+        // Asked for with the first subscribe only (no `since`): later ones recover instead.
+        recent: options.since ? null : options.recent ?? null,
         ready,
         resolve,
         reject,
@@ -684,6 +715,7 @@ export class Pushgate {
   _subscribe(conn, state) {
     const frame = { type: "subscribe", channel: state.channel };
     if (state.position) frame.since = { ...state.position };
+    else if (state.recent !== null && !state.acked) frame.recent = state.recent;
     const resubscribed = state.acked;
     this._call(frame, conn, (err, ack) => {
       if (this._subs.get(state.channel) !== state) return;
@@ -698,7 +730,10 @@ export class Pushgate {
       const p = ack.position;
       const seen = state.position;
       if (p && (recovered === false || (!frame.since && !(seen && seen.epoch === p.epoch && seen.offset > p.offset)))) {
-        state.position = p;
+        // With `recent`, the last messages up to the ack's position follow it: delivery starts
+        // below them, so that they are not taken for duplicates.
+        state.position =
+          frame.recent !== undefined ? { offset: Math.max(0, p.offset - frame.recent), epoch: p.epoch } : p;
       }
       state.acked = true;
       state.live = true;

@@ -681,7 +681,8 @@ impl Client {
         self.reply_to(Some(id)).await
     }
 
-    /// Waits for the reply (ack, pong or error) with `id`, keeping deliveries for later.
+    /// Waits for the reply (ack, pong, presence, history or error) with `id`, keeping
+    /// deliveries for later.
     pub async fn reply_to(&mut self, id: Option<u64>) -> ServerFrame {
         let mut kept = VecDeque::new();
         let reply = loop {
@@ -692,7 +693,8 @@ impl Client {
             let matches = match &frame {
                 ServerFrame::Ack { id: i, .. }
                 | ServerFrame::Pong { id: i }
-                | ServerFrame::Presence { id: i, .. } => Some(*i) == id,
+                | ServerFrame::Presence { id: i, .. }
+                | ServerFrame::History { id: i, .. } => Some(*i) == id,
                 ServerFrame::Error { id: i, .. } => *i == id,
                 _ => false,
             };
@@ -832,11 +834,36 @@ impl NodeProcess {
         redis_url: Option<&str>,
         extra: &[&str],
     ) -> Self {
+        Self::launch(id, addr, redis_url, &["--jwt-secret", SECRET], &[], extra).await
+    }
+
+    /// Starts a node like [`spawn`](Self::spawn), but whose token keys are exactly `keys` (e.g.
+    /// `["--jwt-jwks-url", url]`: no test secret), with `env` added to its environment.
+    pub async fn spawn_with_keys(
+        id: &str,
+        keys: &[&str],
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Self {
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::launch(id, any_port, None, keys, env, extra).await
+    }
+
+    async fn launch(
+        id: &str,
+        addr: SocketAddr,
+        redis_url: Option<&str>,
+        keys: &[&str],
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Self {
         let mut cmd = Command::new(pushgate_bin());
         cmd.arg("serve")
             .args(["--listen", &addr.to_string(), "--instance-id", id])
-            .args(["--jwt-secret", SECRET, "--api-key", API_KEY])
+            .args(keys)
+            .args(["--api-key", API_KEY])
             .args(extra)
+            .envs(env.iter().copied())
             .env("PUSHGATE_LOG", "warn,pushgate::server=info")
             .env("PUSHGATE_LOG_FORMAT", "json")
             .stdout(Stdio::piped());
@@ -1511,5 +1538,207 @@ impl Drop for TcpProxy {
         for task in self.state.tasks.lock().unwrap().drain(..) {
             task.abort();
         }
+    }
+}
+
+// ---- JWKS key server (tests of --jwt-jwks-url) ----
+
+/// A signing key made by `openssl genpkey`, named by a `kid`.
+pub struct SigningKey {
+    pub kid: String,
+    pub algorithm: jsonwebtoken::Algorithm,
+    /// The private key, PEM.
+    pub pem: Vec<u8>,
+    pub encoding: EncodingKey,
+}
+
+impl SigningKey {
+    /// A new key for `algorithm`: RS256 (RSA 2048), ES256 (EC P-256) or EdDSA (Ed25519).
+    pub fn generate(algorithm: jsonwebtoken::Algorithm, kid: &str) -> Self {
+        use jsonwebtoken::Algorithm;
+        let args: &[&str] = match algorithm {
+            Algorithm::RS256 => &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+            Algorithm::ES256 => &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+            Algorithm::EdDSA => &["-algorithm", "ed25519"],
+            other => panic!("no test keys for {other:?}"),
+        };
+        let out = run(Command::new("openssl").arg("genpkey").args(args));
+        let pem = out.stdout;
+        let encoding = match algorithm {
+            Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem),
+            Algorithm::ES256 => EncodingKey::from_ec_pem(&pem),
+            _ => EncodingKey::from_ed_pem(&pem),
+        }
+        .expect("a PEM key from openssl");
+        Self {
+            kid: kid.to_owned(),
+            algorithm,
+            pem,
+            encoding,
+        }
+    }
+
+    /// The public key as a JWK with this key's `kid`, `"use": "sig"` and `alg`.
+    pub fn jwk(&self) -> Value {
+        let jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&self.encoding, self.algorithm)
+            .expect("a JWK from the key");
+        let mut jwk = serde_json::to_value(jwk).expect("JWK as JSON");
+        jwk["kid"] = json!(self.kid);
+        jwk["use"] = json!("sig");
+        jwk
+    }
+
+    /// The public key, PEM (`openssl pkey -pubout`).
+    pub fn public_pem(&self) -> Vec<u8> {
+        let mut child = Command::new("openssl")
+            .args(["pkey", "-pubout"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("openssl must be installed (scripts/test.sh installs it)");
+        std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), &self.pem)
+            .expect("writing to openssl");
+        let out = child.wait_with_output().expect("openssl pkey");
+        assert!(out.status.success(), "openssl pkey -pubout failed");
+        out.stdout
+    }
+
+    /// `claims` signed with this key, the header naming its algorithm and `kid`.
+    pub fn sign(&self, claims: &Value) -> String {
+        let mut header = Header::new(self.algorithm);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.encoding).expect("signing")
+    }
+
+    /// A token for `sub` valid for an hour that may subscribe to `channels`.
+    pub fn token(&self, sub: &str, channels: &[&str]) -> String {
+        self.sign(&json!({"sub": sub, "exp": unix_now() + 3600, "channels": channels}))
+    }
+}
+
+/// `{"keys": [...]}` of the public halves of `keys`.
+pub fn jwk_set(keys: &[&SigningKey]) -> Value {
+    json!({ "keys": keys.iter().map(|k| k.jwk()).collect::<Vec<_>>() })
+}
+
+struct JwksShared {
+    fetches: AtomicU64,
+    /// Status and body of every answer.
+    response: std::sync::Mutex<(u16, String)>,
+    /// How long each answer waits.
+    delay: std::sync::Mutex<Duration>,
+}
+
+/// A small HTTP/1.1 server on 127.0.0.1 (plain, or HTTPS with a given acceptor) that answers
+/// every request with one JSON body, a key set, and counts the requests. Its answer and a delay
+/// can be changed while it runs. Stops when dropped.
+pub struct JwksServer {
+    pub url: String,
+    shared: std::sync::Arc<JwksShared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl JwksServer {
+    /// Serves `keys` at `http://127.0.0.1:PORT/jwks.json`.
+    pub async fn start(keys: &Value) -> Self {
+        Self::start_with(keys, None).await
+    }
+
+    /// Serves `keys` at `https://127.0.0.1:PORT/jwks.json` with `tls`.
+    pub async fn start_tls(keys: &Value, tls: tokio_rustls::TlsAcceptor) -> Self {
+        Self::start_with(keys, Some(tls)).await
+    }
+
+    async fn start_with(keys: &Value, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding 127.0.0.1:0");
+        let port = listener.local_addr().expect("local address").port();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let shared = std::sync::Arc::new(JwksShared {
+            fetches: AtomicU64::new(0),
+            response: std::sync::Mutex::new((200, keys.to_string())),
+            delay: std::sync::Mutex::new(Duration::ZERO),
+        });
+        let task = tokio::spawn({
+            let shared = shared.clone();
+            async move {
+                loop {
+                    let Ok((tcp, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let (shared, tls) = (shared.clone(), tls.clone());
+                    tokio::spawn(async move {
+                        match tls {
+                            None => Self::answer(tcp, &shared).await,
+                            Some(tls) => {
+                                if let Ok(Ok(stream)) =
+                                    tokio::time::timeout(WAIT, tls.accept(tcp)).await
+                                {
+                                    Self::answer(stream, &shared).await;
+                                }
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Self {
+            url: format!("{scheme}://127.0.0.1:{port}/jwks.json"),
+            shared,
+            task,
+        }
+    }
+
+    async fn answer<S>(mut stream: S, shared: &JwksShared)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tokio::time::timeout(WAIT, stream.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 && head.len() < 16 * 1024 => head.extend_from_slice(&buf[..n]),
+                _ => return,
+            }
+        }
+        shared.fetches.fetch_add(1, Ordering::SeqCst);
+        let delay = *shared.delay.lock().unwrap();
+        tokio::time::sleep(delay).await;
+        let (status, body) = shared.response.lock().unwrap().clone();
+        let response = format!(
+            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+             connection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    }
+
+    /// Requests answered or being answered so far.
+    pub fn fetches(&self) -> u64 {
+        self.shared.fetches.load(Ordering::SeqCst)
+    }
+
+    /// Serves `keys` from now on (status 200).
+    pub fn set_keys(&self, keys: &Value) {
+        *self.shared.response.lock().unwrap() = (200, keys.to_string());
+    }
+
+    /// Answers `status` with an error body from now on.
+    pub fn fail_with(&self, status: u16) {
+        *self.shared.response.lock().unwrap() = (status, r#"{"error":"down"}"#.into());
+    }
+
+    /// Holds each answer for `delay` from now on.
+    pub fn set_delay(&self, delay: Duration) {
+        *self.shared.delay.lock().unwrap() = delay;
+    }
+}
+
+impl Drop for JwksServer {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

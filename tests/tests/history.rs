@@ -1,5 +1,5 @@
-//! History and recovery, presence and SSE on a real cluster: one `redis-server` and several
-//! `pushgate serve` processes.
+//! History and recovery, recent history on join (`recent`, `history`), presence and SSE on a
+//! real cluster: one `redis-server` and several `pushgate serve` processes.
 //!
 //! Every history message carries its offset, so "exactly these, in order, none twice" is checked
 //! on offsets: a client's offsets must run up by one with no repeat. Waits are bounded and end
@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use pushgate_protocol::ErrorCode;
 use pushgate_protocol::server::{Delivery, Position, ServerFrame};
 use pushgate_tests::{
     Client, Cluster, Nginx, NodeProcess, SseClient, WAIT, api, api_get, eventually, metric, token,
@@ -758,4 +759,263 @@ async fn sse_works_through_the_nginx_configuration() {
         (id, data["data"].clone()),
         (Some(format!("{epoch}:3")), json!("three"))
     );
+}
+
+/// Subscribes with `recent`; returns the ack's position (the last of the messages that follow).
+async fn subscribe_recent(client: &mut Client, channel: &str, recent: u64) -> Position {
+    let request = json!({"type": "subscribe", "channel": channel, "recent": recent});
+    match client.request(request).await {
+        ServerFrame::Ack {
+            position: Some(position),
+            recovered: None,
+            ..
+        } => position,
+        other => panic!("subscribe {channel} with recent {recent}: {other:?}"),
+    }
+}
+
+/// A `history` request; returns the reply's position and messages.
+async fn history(client: &mut Client, channel: &str, limit: Value) -> (Position, Vec<Delivery>) {
+    let request = json!({"type": "history", "channel": channel, "limit": limit});
+    match client.request(request).await {
+        ServerFrame::History {
+            channel: c,
+            position,
+            messages,
+            ..
+        } if c == channel => (position, messages),
+        other => panic!("history {channel} (limit {limit}): {other:?}"),
+    }
+}
+
+/// The error code a request is refused with.
+async fn refused(client: &mut Client, request: Value) -> ErrorCode {
+    match client.request(request.clone()).await {
+        ServerFrame::Error { code, .. } => code,
+        other => panic!("{request} was not refused: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_join_with_recent_gets_exactly_the_last_50_then_every_live_message_once() {
+    let cluster = Cluster::start(3, &[HISTORY, &["--history-request-limit", "80"]].concat()).await;
+    let [n1, n2, n3] = &cluster.nodes[..] else {
+        unreachable!()
+    };
+    // 120 messages through the publisher's node n2 (a client, its API) and from a backend.
+    let mut writer = connect(n2, "bob").await;
+    for i in 1..=120 {
+        let data = json!(format!("m{i}"));
+        match i % 3 {
+            0 => publish_acked(&mut writer, "chat:recent", data).await,
+            1 => assert_eq!(api_publish(n2, "chat:recent", data).await, i),
+            _ => assert_eq!(backend_publish(&cluster, "chat:recent", data).await, i),
+        }
+    }
+
+    // A join on another node: the last 50, in order, then live messages from every door and
+    // every node, each once.
+    let mut reader = connect(n1, "alice").await;
+    let at = subscribe_recent(&mut reader, "chat:recent", 50).await;
+    assert_eq!(at.offset, 120);
+    let epoch = at.epoch.clone();
+    let got = reader.messages_until(&json!("m120")).await;
+    assert_eq!(in_order(&got, 71, &epoch), texts("m", 71..121));
+    publish_acked(&mut writer, "chat:recent", json!("live-1")).await;
+    api_publish(n1, "chat:recent", json!("live-2")).await;
+    api_publish(n3, "chat:recent", json!("live-3")).await;
+    backend_publish(&cluster, "chat:recent", json!("live-4")).await;
+    let got = reader.messages_until(&json!("live-4")).await;
+    assert_eq!(in_order(&got, 121, &epoch), texts("live-", 1..5));
+    let more = cluster.barrier(&mut [&mut reader]).await;
+    assert!(more[0].is_empty(), "after live traffic: {:?}", more[0]);
+
+    // Subscribing again on the same connection sends nothing more.
+    let again = subscribe_recent(&mut reader, "chat:recent", 50).await;
+    assert_eq!(again.offset, 124);
+    let more = cluster.barrier(&mut [&mut reader]).await;
+    assert!(
+        more[0].is_empty(),
+        "after a second subscribe: {:?}",
+        more[0]
+    );
+
+    // More than the node allows (--history-request-limit 80) gets 80.
+    let mut greedy = connect(n3, "carol").await;
+    assert_eq!(
+        subscribe_recent(&mut greedy, "chat:recent", 500)
+            .await
+            .offset,
+        124
+    );
+    let got = greedy.messages_until(&json!("live-4")).await;
+    assert_eq!(got.len(), 80);
+    in_order(&got, 45, &epoch);
+
+    // A channel without history: a plain subscribe, nothing sent.
+    let mut plain = connect(n1, "dave").await;
+    match plain
+        .request(json!({"type": "subscribe", "channel": "room:1", "recent": 50}))
+        .await
+    {
+        ServerFrame::Ack {
+            position: None,
+            recovered: None,
+            ..
+        } => {}
+        other => panic!("{other:?}"),
+    }
+    // Both since and recent: refused.
+    let both = json!({"type": "subscribe", "channel": "chat:recent", "recent": 5,
+                      "since": {"offset": 1, "epoch": epoch}});
+    assert_eq!(refused(&mut plain, both).await, ErrorCode::BadRequest);
+}
+
+#[tokio::test]
+async fn history_requests_answer_the_last_messages_and_the_position() {
+    let cluster = Cluster::start(2, &[HISTORY, &["--history-request-limit", "80"]].concat()).await;
+    let [n1, n2] = &cluster.nodes[..] else {
+        unreachable!()
+    };
+    for i in 1..=120 {
+        api_publish(n1, "chat:h", json!(format!("m{i}"))).await;
+    }
+    // Asked on the other node, by a client subscribed to nothing.
+    let mut c = connect(n2, "alice").await;
+    let (at, messages) = history(&mut c, "chat:h", json!(50)).await;
+    assert_eq!(at.offset, 120);
+    assert_eq!(in_order(&messages, 71, &at.epoch), texts("m", 71..121));
+    assert!(
+        messages
+            .iter()
+            .all(|m| m.channel.as_deref() == Some("chat:h"))
+    );
+
+    // Bounded by the node's limit; no limit is the node's limit; 0 is the position alone.
+    let (_, messages) = history(&mut c, "chat:h", json!(500)).await;
+    in_order(&messages, 41, &at.epoch);
+    assert_eq!(messages.len(), 80);
+    let (_, messages) = history(&mut c, "chat:h", Value::Null).await;
+    assert_eq!(messages.len(), 80);
+    assert_eq!(
+        history(&mut c, "chat:h", json!(0)).await,
+        (at.clone(), vec![])
+    );
+    // A channel nothing was published on yet: its (new) epoch at offset 0.
+    let (empty, messages) = history(&mut c, "chat:none", json!(50)).await;
+    assert_eq!((empty.offset, messages.len()), (0, 0));
+    assert!(!empty.epoch.is_empty());
+
+    // From the position, a subscribe with since continues with what came after.
+    api_publish(n1, "chat:h", json!("after")).await;
+    let sub = c.subscribe_since("chat:h", Some(&at)).await;
+    assert_eq!(sub.recovered(), Some(true));
+    let got = c.messages_until(&json!("after")).await;
+    assert_eq!(in_order(&got, 121, &at.epoch), [json!("after")]);
+
+    // Refused: a channel without history, one the token does not grant, bad limits and names.
+    let req = |channel: &str, limit: Value| json!({"type": "history", "channel": channel, "limit": limit});
+    assert_eq!(
+        refused(&mut c, req("room:1", json!(5))).await,
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        refused(&mut c, req("secret:1", json!(5))).await,
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        refused(&mut c, req("chat:h", json!(-1))).await,
+        ErrorCode::BadRequest
+    );
+    assert_eq!(
+        refused(&mut c, req("chat:h", json!("50"))).await,
+        ErrorCode::BadRequest
+    );
+    assert_eq!(
+        refused(&mut c, req("", json!(5))).await,
+        ErrorCode::BadRequest
+    );
+}
+
+#[tokio::test]
+async fn joins_with_recent_while_messages_keep_arriving_have_no_gap_and_no_duplicate() {
+    let cluster = Arc::new(Cluster::start(3, HISTORY).await);
+    let (n1, n2, n3) = (&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]);
+    // A watcher on n3 from the start sees every message: the reference for what each offset
+    // holds. It also makes n3 follow the channel, so a join there starts from the position n3
+    // last saw, while one on n1 (nobody there) learns the top first.
+    let mut watcher = connect(n3, "watcher").await;
+    let epoch = watcher
+        .subscribe_since("chat:busy", None)
+        .await
+        .position()
+        .epoch
+        .clone();
+    for i in 1..=120 {
+        api_publish(n2, "chat:busy", json!(format!("pre-{i}"))).await;
+    }
+
+    // Two publishers run through the joins: the API of n2 and a backend.
+    let stop = Arc::new(AtomicBool::new(false));
+    let published = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for kind in ["api", "backend"] {
+        let (cluster, stop, published) = (cluster.clone(), stop.clone(), published.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Acquire) {
+                let data = json!(format!("{kind}-{i}"));
+                match kind {
+                    "api" => api_publish(&cluster.nodes[1], "chat:busy", data).await,
+                    _ => backend_publish(&cluster, "chat:busy", data).await,
+                };
+                published.fetch_add(1, Ordering::AcqRel);
+                i += 1;
+            }
+        }));
+    }
+    let mut joiners = Vec::new();
+    for node in [n1, n3] {
+        let started = published.load(Ordering::Acquire);
+        eventually("messages before the join", || {
+            let published = published.clone();
+            async move { published.load(Ordering::Acquire) >= started + 20 }
+        })
+        .await;
+        let mut c = connect(node, "alice").await;
+        let at = subscribe_recent(&mut c, "chat:busy", 50).await;
+        assert_eq!(at.epoch, epoch);
+        joiners.push((c, at.offset));
+    }
+    let started = published.load(Ordering::Acquire);
+    eventually("more messages after the joins", || {
+        let published = published.clone();
+        async move { published.load(Ordering::Acquire) >= started + 100 }
+    })
+    .await;
+    stop.store(true, Ordering::Release);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let end = api_publish(n1, "chat:busy", json!("end")).await;
+
+    let reference = watcher.messages_until(&json!("end")).await;
+    in_order(&reference, 1, &epoch);
+    let data_at = |offset: u64| reference[offset as usize - 1].data.clone();
+    for (c, top) in &mut joiners {
+        let top = *top;
+        assert!(
+            top > 120 && end > top + 100,
+            "joined while publishing: {top} {end}"
+        );
+        let got = c.messages_until(&json!("end")).await;
+        let data = in_order(&got, top - 49, &epoch);
+        assert_eq!(got.len() as u64, end - top + 50, "joined on {}", c.node);
+        let expected: Vec<Value> = (top - 49..=end).map(data_at).collect();
+        assert_eq!(data, expected, "joined on {}", c.node);
+    }
+    let mut clients: Vec<&mut Client> = joiners.iter_mut().map(|(c, _)| c).collect();
+    for more in cluster.barrier(&mut clients).await {
+        assert!(more.is_empty(), "{more:?}");
+    }
 }

@@ -23,8 +23,8 @@ use tracing::debug;
 
 use crate::backoff::{Backoff, jitter};
 use crate::{
-    CloseReason, Config, Error, Event, Session, Shared, State, TokenSource, UnsubscribeCode,
-    UnsubscribeReason,
+    CloseReason, Config, Error, Event, History, Session, Shared, State, TokenSource,
+    UnsubscribeCode, UnsubscribeReason,
 };
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -57,6 +57,8 @@ pub(crate) struct SubscribeRequest {
     pub shared: Arc<Shared>,
     /// A position the application kept, to subscribe from.
     pub since: Option<Position>,
+    /// Start with the channel's last messages (the first subscribe only).
+    pub recent: Option<u64>,
     pub done: Done,
 }
 
@@ -70,6 +72,11 @@ pub(crate) enum Command {
     Request {
         kind: RequestKind,
         done: Done,
+    },
+    History {
+        channel: String,
+        limit: u64,
+        done: oneshot::Sender<Result<History, Error>>,
     },
     Close {
         done: oneshot::Sender<()>,
@@ -92,6 +99,9 @@ struct Sub {
     /// A node has acknowledged this subscription: subscribing again is a resubscribe, which
     /// has something to recover.
     acked: bool,
+    /// Start with the channel's last messages: sent as `recent` until the first ack (and
+    /// while there is no position); later subscribes recover with `since`.
+    recent: Option<u64>,
 }
 
 impl Sub {
@@ -116,11 +126,18 @@ impl Sub {
         true
     }
 
-    /// Takes in the ack of a subscribe sent with `since` (or none): returns what to report as
-    /// `recovered` (`None` when nothing was to be recovered).
+    /// What the next subscribe sends as `recent`: the first one only, before any position.
+    fn recent(&self) -> Option<u64> {
+        self.recent
+            .filter(|_| !self.acked && self.position.is_none())
+    }
+
+    /// Takes in the ack of a subscribe sent with `since`, with `recent`, or with neither:
+    /// returns what to report as `recovered` (`None` when nothing was to be recovered).
     fn acked(
         &mut self,
         since: Option<&Position>,
+        recent: Option<u64>,
         resubscribe: bool,
         position: Option<Position>,
         recovered: Option<bool>,
@@ -128,7 +145,12 @@ impl Sub {
         // A resubscribe or a subscribe with `since` had something to recover; an ack without
         // `recovered` (a channel without history) recovered nothing.
         let report = (since.is_some() || resubscribe).then_some(recovered == Some(true));
-        if let Some(p) = position {
+        if let Some(mut p) = position {
+            if let Some(n) = recent {
+                // The last messages follow the ack, up to its position: delivery starts before
+                // them (any position below the first of them will do).
+                p.offset = p.offset.saturating_sub(n);
+            }
             let adopt = match (since, report) {
                 // What was missed follows: the position moves on with it.
                 (Some(_), Some(true)) => false,
@@ -162,6 +184,8 @@ enum Pending {
         key: u64,
         /// The `since` sent with it.
         since: Option<Position>,
+        /// The `recent` sent with it.
+        recent: Option<u64>,
         /// Whether the channel had been acknowledged before.
         resubscribe: bool,
     },
@@ -171,6 +195,9 @@ enum Pending {
     Request {
         done: Done,
         refresh: Option<String>,
+    },
+    History {
+        done: oneshot::Sender<Result<History, Error>>,
     },
     AppPing,
 }
@@ -184,6 +211,13 @@ enum Request<'a> {
         channel: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         since: Option<&'a Position>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recent: Option<u64>,
+    },
+    History {
+        id: u64,
+        channel: &'a str,
+        limit: u64,
     },
     Unsubscribe {
         id: u64,
@@ -209,12 +243,14 @@ fn encode(request: &Request<'_>) -> String {
 }
 
 /// The `subscribe` request for a channel: with `since` when the subscription has a position
-/// (a history channel), so that the node sends what was missed.
+/// (a history channel), so that the node sends what was missed; with `recent` the first time,
+/// when asked for.
 fn subscribe_frame(id: u64, channel: &str, sub: &Sub) -> String {
     encode(&Request::Subscribe {
         id,
         channel,
         since: sub.position.as_ref(),
+        recent: sub.recent(),
     })
 }
 
@@ -500,6 +536,9 @@ impl Driver {
                     Some(Command::Request { done, .. }) => {
                         let _ = done.send(Err(Error::NotConnected));
                     }
+                    Some(Command::History { done, .. }) => {
+                        let _ = done.send(Err(Error::NotConnected));
+                    }
                     Some(Command::Subscribe(request)) => {
                         self.add_sub(request);
                     }
@@ -522,6 +561,7 @@ impl Driver {
             tx,
             shared,
             since,
+            recent,
             done,
         } = request;
         if let Some(existing) = self.subs.get(&channel)
@@ -540,6 +580,7 @@ impl Driver {
                 waiters: vec![done],
                 position: since,
                 acked: false,
+                recent,
             },
         );
         true
@@ -568,6 +609,9 @@ impl Driver {
         for (_, p) in pending {
             match p {
                 Pending::Request { done, .. } => {
+                    let _ = done.send(Err(Error::ConnectionLost));
+                }
+                Pending::History { done } => {
                     let _ = done.send(Err(Error::ConnectionLost));
                 }
                 Pending::Unsubscribe { done: Some(done) } => {
@@ -703,6 +747,7 @@ impl Driver {
                 channel: channel.to_owned(),
                 key: sub.key,
                 since: sub.position.clone(),
+                recent: sub.recent(),
                 resubscribe: sub.acked,
             },
         );
@@ -755,6 +800,20 @@ impl Driver {
                 pending.insert(id, Pending::Request { done, refresh });
                 send(ws, frame).await
             }
+            Command::History {
+                channel,
+                limit,
+                done,
+            } => {
+                let id = self.take_id();
+                pending.insert(id, Pending::History { done });
+                let frame = encode(&Request::History {
+                    id,
+                    channel: &channel,
+                    limit,
+                });
+                send(ws, frame).await
+            }
             Command::Close { done } => {
                 // Handled by the caller; never reaches here.
                 let _ = done.send(());
@@ -792,6 +851,7 @@ impl Driver {
                     channel,
                     key,
                     since,
+                    recent,
                     resubscribe,
                 }) => {
                     let Some(sub) = self.subs.get_mut(&channel).filter(|s| s.key == key) else {
@@ -799,7 +859,8 @@ impl Driver {
                     };
                     // Before the waiters hear of it, so that a new Subscription already shows
                     // its position.
-                    let recovered = sub.acked(since.as_ref(), resubscribe, position, recovered);
+                    let recovered =
+                        sub.acked(since.as_ref(), recent, resubscribe, position, recovered);
                     for waiter in sub.waiters.drain(..) {
                         let _ = waiter.send(Ok(()));
                     }
@@ -828,6 +889,20 @@ impl Driver {
             ServerFrame::Pong { id } => {
                 let reply = pending.remove(&id);
                 self.on_reply(reply);
+            }
+            ServerFrame::History {
+                id,
+                channel,
+                position,
+                messages,
+            } => {
+                if let Some(Pending::History { done }) = pending.remove(&id) {
+                    let _ = done.send(Ok(History {
+                        channel,
+                        position,
+                        messages,
+                    }));
+                }
             }
             ServerFrame::Error {
                 id: Some(id),
@@ -863,6 +938,9 @@ impl Driver {
                     let _ = done.send(Ok(()));
                 }
                 Some(Pending::Request { done, .. }) => {
+                    let _ = done.send(Err(Error::Rejected { code, message }));
+                }
+                Some(Pending::History { done }) => {
                     let _ = done.send(Err(Error::Rejected { code, message }));
                 }
                 _ => {}
@@ -904,6 +982,17 @@ impl Driver {
                     }));
                 }
                 self.emit(Event::Unsubscribed { channel, reason });
+            }
+            // Joins and leaves of presence-events channels: reported while subscribed.
+            ServerFrame::Join(event) => {
+                if self.subs.contains_key(&event.channel) {
+                    self.emit(Event::Join(event));
+                }
+            }
+            ServerFrame::Leave(event) => {
+                if self.subs.contains_key(&event.channel) {
+                    self.emit(Event::Leave(event));
+                }
             }
             ServerFrame::Welcome { .. } | ServerFrame::Presence { .. } => {}
         }
@@ -1164,6 +1253,7 @@ mod tests {
             waiters: Vec::new(),
             position: since,
             acked: false,
+            recent: None,
         }
     }
 
@@ -1196,18 +1286,24 @@ mod tests {
     fn acks_set_the_position_and_what_to_report() {
         // First subscribe: the ack's position, nothing to report.
         let mut s = sub(None);
-        assert_eq!(s.acked(None, false, Some(at(41, "e1")), None), None);
+        assert_eq!(s.acked(None, None, false, Some(at(41, "e1")), None), None);
         assert_eq!(s.position, Some(at(41, "e1")));
         // Deliveries that went past the ack's position keep theirs.
         let mut s = sub(None);
         assert!(s.advance(43, "e1"));
-        assert_eq!(s.acked(None, false, Some(at(41, "e1")), None), None);
+        assert_eq!(s.acked(None, None, false, Some(at(41, "e1")), None), None);
         assert_eq!(s.position, Some(at(43, "e1")));
 
         // Recovered: the missed messages follow, the position moves on with them.
         let mut s = sub(Some(at(38, "e1")));
         assert_eq!(
-            s.acked(Some(&at(38, "e1")), true, Some(at(41, "e1")), Some(true)),
+            s.acked(
+                Some(&at(38, "e1")),
+                None,
+                true,
+                Some(at(41, "e1")),
+                Some(true)
+            ),
             Some(true)
         );
         assert_eq!(s.position, Some(at(38, "e1")));
@@ -1217,7 +1313,13 @@ mod tests {
         // Not recovered: delivery goes on after the channel's position.
         let mut s = sub(Some(at(38, "e1")));
         assert_eq!(
-            s.acked(Some(&at(38, "e1")), true, Some(at(2, "e2")), Some(false)),
+            s.acked(
+                Some(&at(38, "e1")),
+                None,
+                true,
+                Some(at(2, "e2")),
+                Some(false)
+            ),
             Some(false)
         );
         assert_eq!(s.position, Some(at(2, "e2")));
@@ -1227,8 +1329,43 @@ mod tests {
 
         // A channel without history recovers nothing on a resubscribe.
         let mut s = sub(None);
-        assert_eq!(s.acked(None, true, None, None), Some(false));
+        assert_eq!(s.acked(None, None, true, None, None), Some(false));
         assert_eq!(s.position, None);
+    }
+
+    #[test]
+    fn recent_is_sent_once_and_its_backlog_is_not_a_duplicate() {
+        let mut s = sub(None);
+        s.recent = Some(50);
+        assert_eq!(s.recent(), Some(50));
+        assert_eq!(
+            subscribe_frame(1, "chat:1", &s),
+            r#"{"type":"subscribe","id":1,"channel":"chat:1","recent":50}"#
+        );
+        // The ack's position is the last of the messages that follow it: each passes.
+        assert_eq!(
+            s.acked(None, Some(50), false, Some(at(120, "e1")), None),
+            None
+        );
+        assert_eq!(s.position, Some(at(70, "e1")));
+        assert!((71..=120).all(|o| s.advance(o, "e1")));
+        assert!(!s.advance(120, "e1"));
+        // Later subscribes recover from the last position instead.
+        assert_eq!(s.recent(), None);
+        assert_eq!(
+            subscribe_frame(2, "chat:1", &s),
+            r#"{"type":"subscribe","id":2,"channel":"chat:1","since":{"offset":120,"epoch":"e1"}}"#
+        );
+        // Fewer messages than asked for.
+        let mut s = sub(None);
+        s.recent = Some(50);
+        s.acked(None, Some(50), false, Some(at(3, "e1")), None);
+        assert_eq!(s.position, Some(at(0, "e1")));
+        assert!(s.advance(1, "e1"));
+        // A position the application gave wins over recent.
+        let mut s = sub(Some(at(5, "e1")));
+        s.recent = Some(50);
+        assert_eq!(s.recent(), None);
     }
 
     #[test]
@@ -1260,7 +1397,8 @@ mod tests {
             encode(&Request::Subscribe {
                 id: 1,
                 channel: "room:1",
-                since: None
+                since: None,
+                recent: None
             }),
             r#"{"type":"subscribe","id":1,"channel":"room:1"}"#
         );
@@ -1272,6 +1410,7 @@ mod tests {
             id: 2,
             channel: "chat:1",
             since: Some(&since),
+            recent: None,
         });
         assert_eq!(
             text,
@@ -1293,6 +1432,11 @@ mod tests {
                 channel: "x",
             }),
             encode(&Request::Refresh { id: 5, token: "t" }),
+            encode(&Request::History {
+                id: 6,
+                channel: "chat:1",
+                limit: 50,
+            }),
         ] {
             pushgate_protocol::ClientFrame::decode(&text).unwrap();
         }

@@ -59,8 +59,14 @@
 //! ack whether it could: the client reports that as [`Event::Recovered`] (and
 //! [`Subscription::recovered`]). `recovered: false` means messages were missed that history no
 //! longer holds (it expired, was deleted, or the client was away for more than the node
-//! recovers): **reload the channel's state** (from your backend, or `GET /api/history`);
-//! delivery goes on after the position in the event.
+//! recovers): **reload the channel's state** (from your backend, [`Client::history`], or
+//! `GET /api/history`); delivery goes on after the position in the event.
+//!
+//! To show a channel's recent past on a first join (a chat room's last messages),
+//! [`subscribe_recent`](Client::subscribe_recent) starts the subscription with the channel's
+//! last messages, then the live ones, with no gap and none twice; later resubscribes recover
+//! with `since` as above. [`history`](Client::history) reads the last messages without
+//! subscribing.
 //!
 //! | the node says | the client |
 //! |---------------|------------|
@@ -99,8 +105,9 @@
 //!
 //! # Requests
 //!
-//! [`publish`](Client::publish), [`ping`](Client::ping) and [`refresh`](Client::refresh) need an
-//! open connection ([`Error::NotConnected`] otherwise) and wait at most
+//! [`publish`](Client::publish), [`history`](Client::history), [`ping`](Client::ping) and
+//! [`refresh`](Client::refresh) need an open connection ([`Error::NotConnected`] otherwise)
+//! and wait at most
 //! [`request_timeout`](ClientBuilder::request_timeout) for the node's reply.
 //! [`subscribe`](Client::subscribe) registers the channel at once and resolves when a node
 //! acknowledges it, waiting through reconnects; a subscribe the node answers with
@@ -130,7 +137,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 pub use error::{CloseReason, Error};
-pub use pushgate_protocol::server::{Delivery, Position};
+pub use pushgate_protocol::server::{Delivery, Position, PresenceEvent};
 pub use pushgate_protocol::{ErrorCode, close};
 
 use driver::{Command, Driver, RequestKind, SubscribeRequest};
@@ -226,10 +233,29 @@ pub enum Event {
     /// A delivery for `channel` found its subscription's queue full and was dropped; `dropped`
     /// is the subscription's total so far. Reported once per run of drops.
     Lagged { channel: String, dropped: u64 },
+    /// On a channel the nodes send presence events for (`--presence-events`): `user`'s first
+    /// connection subscribed to `channel` (per user: another connection of theirs makes none).
+    Join(PresenceEvent),
+    /// On a presence-events channel: `user`'s last connection left `channel` (unsubscribed,
+    /// disconnected, or its node died and its entry expired).
+    Leave(PresenceEvent),
     /// An error frame that answered no request of ours (e.g. `too_large` for an oversized frame).
     ServerError { code: ErrorCode, message: String },
     /// The client stopped for good.
     Closed(CloseReason),
+}
+
+/// The reply to [`Client::history`]: a history channel's last messages, oldest first, and its
+/// position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct History {
+    pub channel: String,
+    /// The position the messages run up to: that of the channel as the node read it (the last
+    /// message's, unless history no longer holds it). A [`subscribe_since`](Client::subscribe_since)
+    /// from it gets what came after.
+    pub position: Position,
+    /// Oldest first, with their positions; as deliveries of the channel look.
+    pub messages: Vec<Delivery>,
 }
 
 /// Why the node ended a subscription: an `unsubscribed` notice. Displays as its text and code.
@@ -589,7 +615,7 @@ impl Client {
     /// acknowledges it, waiting through reconnects, or fails if the node refuses it
     /// (`forbidden`, `bad_request`) or the client stops.
     pub async fn subscribe(&self, channel: &str) -> Result<Subscription, Error> {
-        self.subscribe_inner(channel, None).await
+        self.subscribe_inner(channel, None, None).await
     }
 
     /// Subscribes to the history channel `channel` from a position the application kept (e.g.
@@ -602,13 +628,24 @@ impl Client {
         channel: &str,
         since: Position,
     ) -> Result<Subscription, Error> {
-        self.subscribe_inner(channel, Some(since)).await
+        self.subscribe_inner(channel, Some(since), None).await
+    }
+
+    /// Subscribes to the history channel `channel` starting with its last `count` messages
+    /// (at most the node's `--history-request-limit`, 100 by default): they arrive first, in
+    /// order, then every live message, with no gap and none twice. After a reconnect the
+    /// client recovers from the last position seen, as for any subscription, rather than
+    /// asking for the last messages again. On a channel without history it is a plain
+    /// subscribe. Otherwise as [`subscribe`](Self::subscribe).
+    pub async fn subscribe_recent(&self, channel: &str, count: u64) -> Result<Subscription, Error> {
+        self.subscribe_inner(channel, None, Some(count)).await
     }
 
     async fn subscribe_inner(
         &self,
         channel: &str,
         since: Option<Position>,
+        recent: Option<u64>,
     ) -> Result<Subscription, Error> {
         pushgate_protocol::validate_channel(channel)
             .map_err(|e| Error::InvalidChannel(e.to_string()))?;
@@ -622,6 +659,7 @@ impl Client {
             tx,
             shared: shared.clone(),
             since,
+            recent,
             done,
         }))
         .await?;
@@ -671,6 +709,28 @@ impl Client {
             data,
         })
         .await
+    }
+
+    /// The last `limit` messages of the history channel `channel` (at most the node's
+    /// `--history-request-limit`, 100 by default), oldest first, and the channel's position
+    /// (`history` request). Needs no subscription, only a token that grants subscribing to the
+    /// channel; fails with [`ErrorCode::NotFound`] on a channel without history.
+    pub async fn history(&self, channel: &str, limit: u64) -> Result<History, Error> {
+        pushgate_protocol::validate_channel(channel)
+            .map_err(|e| Error::InvalidChannel(e.to_string()))?;
+        let (done, reply) = oneshot::channel();
+        self.send(Command::History {
+            channel: channel.to_owned(),
+            limit,
+            done,
+        })
+        .await?;
+        let timeout = self.inner.config.request_timeout;
+        match tokio::time::timeout(timeout, reply).await {
+            Err(_) => Err(Error::Timeout(timeout)),
+            Ok(Err(_)) => Err(Error::ConnectionLost),
+            Ok(Ok(result)) => result,
+        }
     }
 
     /// Sends a `ping` request and returns the round-trip time.
@@ -735,8 +795,10 @@ impl Subscription {
 
     /// On a history channel, the position the client would subscribe again from: that of the
     /// last delivery it took in for this subscription (which may still be in the queue, not yet
-    /// received), or the channel's position in the node's ack when nothing was delivered since.
-    /// `None` on channels without history (and before the first ack).
+    /// received), or the channel's position in the node's ack when nothing was delivered since
+    /// (after [`subscribe_recent`](Client::subscribe_recent), `count` below it, until the last
+    /// messages that follow the ack are taken in). `None` on channels without history (and
+    /// before the first ack).
     pub fn position(&self) -> Option<Position> {
         self.shared.history().position.clone()
     }

@@ -702,3 +702,66 @@ async fn resubscribes_carry_the_last_position_and_duplicates_are_dropped() {
     );
     assert!(room.recv().await.is_none());
 }
+
+#[tokio::test]
+async fn subscribe_recent_starts_with_the_last_messages_and_recovers_after_a_failover() {
+    let mut cluster = Cluster::start(2, HISTORY).await;
+    for i in 1..=120 {
+        api_publish(&cluster.nodes[1], "chat:9", json!(format!("m{i}"))).await;
+    }
+    let urls = [cluster.nodes[0].ws_url(), cluster.nodes[1].ws_url()];
+    let (gate, client) = gated_client(&urls).await;
+    assert_eq!(client.connected().await.unwrap().node, "n1");
+    let mut events = client.events();
+
+    // The history request, without a subscription.
+    let history = client.history("chat:9", 50).await.unwrap();
+    assert_eq!(history.channel, "chat:9");
+    assert_eq!(history.position.offset, 120);
+    let epoch = history.position.epoch.clone();
+    let offsets: Vec<_> = history.messages.iter().map(|m| m.offset).collect();
+    assert_eq!(offsets, (71..=120).map(Some).collect::<Vec<_>>());
+    let data: Vec<_> = history.messages.iter().map(|m| m.data.clone()).collect();
+    assert_eq!(data, texts("m", 71..121));
+    match client.history("room:1", 5).await {
+        Err(Error::Rejected {
+            code: ErrorCode::NotFound,
+            ..
+        }) => {}
+        other => panic!("history of a channel without history: {other:?}"),
+    }
+
+    // The last 50 first, then live messages.
+    let mut chat = client.subscribe_recent("chat:9", 50).await.unwrap();
+    assert_eq!(
+        in_order(&mut chat, 50, 71, &epoch).await,
+        texts("m", 71..121)
+    );
+    api_publish(&cluster.nodes[1], "chat:9", json!("live-121")).await;
+    assert_eq!(
+        in_order(&mut chat, 1, 121, &epoch).await,
+        [json!("live-121")]
+    );
+    let last = chat.position().unwrap();
+    assert_eq!(last.offset, 121);
+
+    // Its node dies; the client comes back on the other one and recovers from its position:
+    // what it missed, not the last 50 again.
+    gate.send_replace(false);
+    cluster.nodes[0].kill();
+    wait_disconnected(&mut events).await;
+    for i in 122..=126 {
+        api_publish(&cluster.nodes[1], "chat:9", json!(format!("missed-{i}"))).await;
+    }
+    gate.send_replace(true);
+    assert_eq!(recovered(&mut events, "chat:9").await, (true, Some(last)));
+    assert_eq!(
+        in_order(&mut chat, 5, 122, &epoch).await,
+        texts("missed-", 122..127)
+    );
+    client.publish("chat:9", &"live-127").await.unwrap();
+    assert_eq!(
+        in_order(&mut chat, 1, 127, &epoch).await,
+        [json!("live-127")]
+    );
+}

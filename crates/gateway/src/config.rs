@@ -116,6 +116,43 @@ pub struct JwtArgs {
     /// Clock-skew allowance for `exp` and `nbf`.
     #[arg(long, env = "PUSHGATE_JWT_LEEWAY", default_value = "5s", value_parser = duration)]
     pub jwt_leeway: Duration,
+    /// URL of a JSON Web Key Set (an identity provider's `jwks_uri`): RS256, ES256 and EdDSA
+    /// keys, chosen by the token's `kid`. Fetched at start, then refreshed. Cannot be combined
+    /// with --jwt-secret or --jwt-public-key.
+    #[arg(
+        long,
+        env = "PUSHGATE_JWT_JWKS_URL",
+        value_parser = jwks_url,
+        conflicts_with_all = ["jwt_secret", "jwt_public_key", "jwt_algorithm"]
+    )]
+    pub jwt_jwks_url: Option<reqwest::Url>,
+    /// Interval of background JWKS refreshes.
+    #[arg(long, env = "PUSHGATE_JWT_JWKS_REFRESH", default_value = "5m", value_parser = positive_duration)]
+    pub jwt_jwks_refresh: Duration,
+    /// Least time between two JWKS fetches: a token with an unknown `kid` fetches the set again
+    /// only this long after the last fetch started (capped at --jwt-jwks-refresh), and so does
+    /// a retry after a failed fetch.
+    #[arg(long, env = "PUSHGATE_JWT_JWKS_MIN_INTERVAL", default_value = "30s", value_parser = positive_duration)]
+    pub jwt_jwks_min_interval: Duration,
+    /// Bound on one JWKS fetch (connect, TLS, response).
+    #[arg(long, env = "PUSHGATE_JWT_JWKS_TIMEOUT", default_value = "5s", value_parser = positive_duration)]
+    pub jwt_jwks_timeout: Duration,
+}
+
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match duration(s)? {
+        d if d.is_zero() => Err("must be more than zero".into()),
+        d => Ok(d),
+    }
+}
+
+fn jwks_url(s: &str) -> Result<reqwest::Url, String> {
+    let url = reqwest::Url::parse(s)
+        .map_err(|e| format!("{e} (example: https://auth.example.com/.well-known/jwks.json)"))?;
+    match url.scheme() {
+        "https" | "http" if url.has_host() => Ok(url),
+        _ => Err("must be an https:// (or http://) URL".into()),
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -201,7 +238,9 @@ pub struct ServeArgs {
     /// How long one write to a client may take before it counts as a slow consumer.
     #[arg(long, env = "PUSHGATE_WRITE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub write_timeout: Duration,
-    /// Allowed `Origin` headers, comma-separated (default: any). Requests without `Origin` are allowed.
+    /// Allowed `Origin` headers, comma-separated, matched exactly (default: any). Requests
+    /// without `Origin` are allowed. Also the origins whose pages may use /sse, /pushgate.js
+    /// and the /ws probe across origins (CORS; with a list, credentials too, and /dev/token).
     #[arg(long, env = "PUSHGATE_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
     /// How long a graceful shutdown spreads its closes over.
@@ -226,10 +265,24 @@ pub struct ServeArgs {
     /// is `recovered: false`.
     #[arg(long, env = "PUSHGATE_HISTORY_RECOVERY_LIMIT", default_value_t = 1000)]
     pub history_recovery_limit: u64,
+    /// Most messages a client's `history` request, or a subscribe with `recent`, gets back;
+    /// larger asks are cut to it.
+    #[arg(long, env = "PUSHGATE_HISTORY_REQUEST_LIMIT", default_value_t = 100)]
+    pub history_request_limit: u64,
     /// Channels that track presence (who is subscribed), as glob patterns. Repeat the flag, or
     /// comma-separate in the environment.
     #[arg(long = "presence", env = "PUSHGATE_PRESENCE", value_delimiter = ',')]
     pub presence: Vec<String>,
+    /// Channels whose subscribers receive `join` and `leave` events (a user's first connection
+    /// subscribed, their last one left), as glob patterns. These channels track presence too,
+    /// whether or not a --presence pattern matches them. Repeat the flag, or comma-separate in
+    /// the environment.
+    #[arg(
+        long = "presence-events",
+        env = "PUSHGATE_PRESENCE_EVENTS",
+        value_delimiter = ','
+    )]
+    pub presence_events: Vec<String>,
 
     /// Log format.
     #[arg(long, env = "PUSHGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -439,7 +492,17 @@ mod tests {
             ]
         );
         assert_eq!(args.presence, ["room:*", "lobby"]);
+        assert!(args.presence_events.is_empty());
+        let args = ServeArgs::parse_from([
+            "--presence-events",
+            "chat:*,game:*",
+            "--presence-events",
+            "x",
+        ])
+        .unwrap();
+        assert_eq!(args.presence_events, ["chat:*", "game:*", "x"]);
         assert_eq!(args.history_recovery_limit, 1000);
+        assert_eq!(args.history_request_limit, 100);
         for bad in [
             "chat:*",
             "chat:*=200",
@@ -450,6 +513,50 @@ mod tests {
             "=10/1m",
         ] {
             assert!(ServeArgs::parse_from(["--history", bad]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn jwks_flags_parse_and_exclude_other_key_sources() {
+        let url = "https://id.example/.well-known/jwks.json";
+        let args = ServeArgs::parse_from(["--jwt-jwks-url", url]).unwrap();
+        let shown = args.jwt.jwt_jwks_url.as_ref().map(|u| u.as_str());
+        assert_eq!(shown, Some(url));
+        assert_eq!(args.jwt.jwt_jwks_refresh, Duration::from_secs(300));
+        assert_eq!(args.jwt.jwt_jwks_min_interval, Duration::from_secs(30));
+        assert_eq!(args.jwt.jwt_jwks_timeout, Duration::from_secs(5));
+        let args = ServeArgs::parse_from([
+            "--jwt-jwks-url",
+            "http://127.0.0.1:8081/keys",
+            "--jwt-jwks-refresh",
+            "1m",
+            "--jwt-jwks-min-interval",
+            "10s",
+            "--jwt-jwks-timeout",
+            "2s",
+        ])
+        .unwrap();
+        assert_eq!(args.jwt.jwt_jwks_refresh, Duration::from_secs(60));
+        assert_eq!(args.jwt.jwt_jwks_min_interval, Duration::from_secs(10));
+        assert_eq!(args.jwt.jwt_jwks_timeout, Duration::from_secs(2));
+        for bad in [
+            ["--jwt-jwks-url", "ftp://id.example/jwks"],
+            ["--jwt-jwks-url", "jwks.json"],
+            ["--jwt-jwks-refresh", "0s"],
+            ["--jwt-jwks-min-interval", "0s"],
+        ] {
+            assert!(ServeArgs::parse_from(bad).is_err(), "{bad:?}");
+        }
+        for other in [
+            ["--jwt-secret", "s"],
+            ["--jwt-public-key", "key.pem"],
+            ["--jwt-algorithm", "RS256"],
+        ] {
+            let err = ServeArgs::parse_from(["--jwt-jwks-url", url].into_iter().chain(other))
+                .err()
+                .unwrap_or_else(|| panic!("{other:?} with --jwt-jwks-url"));
+            let conflict = clap::error::ErrorKind::ArgumentConflict;
+            assert_eq!(err.kind(), conflict, "{other:?}");
         }
     }
 

@@ -63,12 +63,14 @@ impl FromStr for HistoryRule {
     }
 }
 
-/// Which channels keep history and which track presence.
+/// Which channels keep history, which track presence, and which send presence events.
 #[derive(Debug, Default)]
 pub struct Policy {
     history: Vec<(WildMatch, HistoryRule)>,
     presence: Patterns,
     has_presence: bool,
+    presence_events: Patterns,
+    has_presence_events: bool,
 }
 
 impl Policy {
@@ -80,7 +82,23 @@ impl Policy {
                 .collect(),
             presence: Patterns::new(presence),
             has_presence: !presence.is_empty(),
+            presence_events: Patterns::new(&[] as &[String]),
+            has_presence_events: false,
         }
+    }
+
+    /// Channels matching `patterns` send `join` and `leave` events, and so track presence.
+    pub fn with_presence_events(self, patterns: &[String]) -> Self {
+        Self {
+            presence_events: Patterns::new(patterns),
+            has_presence_events: !patterns.is_empty(),
+            ..self
+        }
+    }
+
+    /// Whether subscribers of `channel` get `join` and `leave` events.
+    pub fn presence_events(&self, channel: &str) -> bool {
+        self.has_presence_events && self.presence_events.allows(channel)
     }
 
     /// The history rule of `channel`: the first pattern it matches.
@@ -91,13 +109,15 @@ impl Policy {
             .map(|(_, r)| r)
     }
 
+    /// Whether `channel` tracks presence: a `--presence` or a `--presence-events` pattern
+    /// matches it.
     pub fn presence(&self, channel: &str) -> bool {
-        self.has_presence && self.presence.allows(channel)
+        (self.has_presence && self.presence.allows(channel)) || self.presence_events(channel)
     }
 
     /// Whether any channel keeps history or tracks presence (the Redis functions are needed).
     pub fn needs_functions(&self) -> bool {
-        !self.history.is_empty() || self.has_presence
+        !self.history.is_empty() || self.has_presence || self.has_presence_events
     }
 }
 
@@ -299,6 +319,13 @@ mod tests {
         assert_eq!(p.history("room:1"), None);
         assert!(p.presence("room:1") && !p.presence("chat:1"));
         assert!(!Policy::new(&[], &[]).presence("x"));
+        // Presence events imply presence.
+        let p = Policy::new(&[], &["room:*".into()]).with_presence_events(&["chat:*".into()]);
+        assert!(p.presence("room:1") && p.presence("chat:1") && !p.presence("x"));
+        assert!(p.presence_events("chat:1") && !p.presence_events("room:1"));
+        let p = Policy::new(&[], &[]).with_presence_events(&["chat:*".into()]);
+        assert!(p.presence("chat:1") && p.needs_functions());
+        assert!(!Policy::new(&[], &[]).needs_functions());
     }
 
     #[test]

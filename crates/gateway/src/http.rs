@@ -1,5 +1,9 @@
 //! HTTP: the WebSocket handshake (`/ws`, `/echo`), the server API (`/api/*`) and its admin
 //! console (`/admin`), health and metrics.
+//!
+//! The client-facing routes (`/ws`, `/sse`, `/pushgate.js`, and `/dev/token` when origins are
+//! listed) answer CORS requests from the origins `--allowed-origins` allows; see
+//! `client_routes`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -9,7 +13,8 @@ use axum::extract::ws::{
     CloseFrame, Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
 };
 use axum::extract::{ConnectInfo, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -19,6 +24,7 @@ use pushgate_protocol::{RawJson, Target, close, validate_channel, validate_user}
 use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
+use tower_http::cors::{AllowCredentials, AllowOrigin, CorsLayer};
 use tracing::{debug, warn};
 
 use crate::auth::{AuthError, Grant};
@@ -47,6 +53,7 @@ pub enum HttpError {
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
+        let by_origin = matches!(self, Self::Origin);
         let (status, error, reason, field) = match self {
             Self::Unauthorized(e) => (
                 StatusCode::UNAUTHORIZED,
@@ -99,21 +106,25 @@ impl IntoResponse for HttpError {
         if let Some(field) = field {
             body["field"] = json!(field);
         }
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if by_origin {
+            // The refusal depends on the request's Origin: caches must not serve it to others.
+            (response.headers_mut()).append(header::VARY, HeaderValue::from_static("origin"));
+        }
+        response
     }
 }
 
 pub fn router(node: Arc<Node>) -> Router {
     let mut router = Router::new()
-        .route("/ws", get(ws))
         .route("/echo", get(echo))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/sse", get(sse))
         .route("/", get(chat_page))
-        .route("/pushgate.js", get(sdk_script));
-    if node.config.dev {
+        .merge(client_routes(&node));
+    if node.config.dev && node.config.allowed_origins.is_empty() {
+        // Same-origin only: see client_routes.
         router = router.route("/dev/token", get(dev_token));
     }
     if node.config.api_key.is_some() {
@@ -130,6 +141,95 @@ pub fn router(node: Arc<Node>) -> Router {
     router.with_state(node)
 }
 
+/// Whether `--allowed-origins` (`allowed`) admits a request with this `Origin` header: any
+/// origin when the list is empty, otherwise an exact byte-for-byte match with one entry.
+/// Requests without `Origin` (non-browser clients, a browser's same-origin GETs) always pass.
+fn origin_allowed(allowed: &[String], origin: Option<&HeaderValue>) -> bool {
+    match origin {
+        Some(origin) if !allowed.is_empty() => {
+            allowed.iter().any(|a| a.as_bytes() == origin.as_bytes())
+        }
+        _ => true,
+    }
+}
+
+/// How long a browser may cache a preflight's answer (Chromium caps it at 2 hours).
+const PREFLIGHT_MAX_AGE: Duration = Duration::from_secs(600);
+
+/// The routes a browser page calls, possibly from another origin: the WebSocket handshake
+/// `/ws` (a WebSocket needs no CORS, but the SDK reads its 401 reason with a plain `GET`),
+/// the event stream `/sse`, the SDK `/pushgate.js` (a module script is a CORS request), and
+/// `/dev/token` in `--dev` mode when origins are listed by name. Outside them are the health
+/// and metrics routes (for probes and scrapers), `/echo` (for load balancers), the demo chat
+/// `/` (a navigation) and `/api/*` with `/admin` (server-to-server, with a key no page should
+/// hold; the console talks to its own origin only).
+///
+/// A request whose `Origin` is not allowed (by the rules of [`origin_allowed`]) gets 403
+/// `origin not allowed` on every method, preflights included, with `Vary: Origin` and no CORS
+/// headers. Others go through the CORS layer:
+/// - `--allowed-origins` empty (any origin): `Access-Control-Allow-Origin: *`, without
+///   credentials; the answer does not depend on the Origin, so there is no `Vary: Origin`.
+///   `/dev/token`, which mints a token for any name, is then left same-origin only.
+/// - a list: the request's own origin, `Access-Control-Allow-Credentials: true` (an
+///   `EventSource` with `withCredentials`, e.g. behind a proxy that authenticates or pins
+///   with cookies; the node itself reads no cookies), and `Vary: Origin` on every answer.
+///
+/// Preflights (`OPTIONS`) allow `GET` with `Authorization` (a fetch-based SSE client sending
+/// the token as a header), `Last-Event-ID` (an `EventSource` resuming, or such a client) and
+/// `Cache-Control`, for [`PREFLIGHT_MAX_AGE`].
+fn client_routes(node: &Arc<Node>) -> Router<Arc<Node>> {
+    let allowed = &node.config.allowed_origins;
+    let mut routes = Router::new()
+        .route("/ws", get(ws))
+        .route("/sse", get(sse))
+        .route("/pushgate.js", get(sdk_script));
+    if node.config.dev && !allowed.is_empty() {
+        routes = routes.route("/dev/token", get(dev_token));
+    }
+    let cors = CorsLayer::new()
+        .allow_methods([Method::GET])
+        .allow_headers([
+            header::AUTHORIZATION,
+            HeaderName::from_static("last-event-id"),
+            header::CACHE_CONTROL,
+        ])
+        .max_age(PREFLIGHT_MAX_AGE);
+    let cors = if allowed.is_empty() {
+        cors.allow_origin(AllowOrigin::any())
+    } else {
+        let list: Arc<[String]> = allowed.as_slice().into();
+        let listed = move |origin: &HeaderValue, _: &axum::http::request::Parts| {
+            origin_allowed(&list, Some(origin))
+        };
+        cors.allow_origin(AllowOrigin::predicate(listed.clone()))
+            .allow_credentials(AllowCredentials::predicate(listed))
+    };
+    // The origin check runs first (the outer layer), so refused origins never get CORS headers.
+    routes
+        .layer(cors)
+        .layer(axum::middleware::from_fn_with_state(
+            node.clone(),
+            refuse_origin,
+        ))
+}
+
+/// Refuses a request to a client-facing route whose `Origin` is not allowed.
+async fn refuse_origin(
+    State(node): State<Arc<Node>>,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    if origin_allowed(
+        &node.config.allowed_origins,
+        request.headers().get(header::ORIGIN),
+    ) {
+        next.run(request).await
+    } else {
+        debug!(path = request.uri().path(), "origin not allowed");
+        HttpError::Origin.into_response()
+    }
+}
+
 #[derive(Deserialize)]
 struct TokenQuery {
     token: Option<String>,
@@ -144,26 +244,23 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .then(|| credentials.trim())
 }
 
-/// Checks everything a handshake needs before the upgrade: draining, Origin, token.
-fn admit_handshake(
+/// Checks everything a handshake needs before the upgrade: Origin, draining, token. (On `/ws`
+/// and `/sse` the Origin was checked already, by [`refuse_origin`].)
+async fn admit_handshake(
     node: &Node,
     headers: &HeaderMap,
     query: &TokenQuery,
 ) -> Result<Grant, HttpError> {
+    if !origin_allowed(&node.config.allowed_origins, headers.get(header::ORIGIN)) {
+        return Err(HttpError::Origin);
+    }
     if node.is_draining() {
         return Err(HttpError::Draining);
-    }
-    let allowed = &node.config.allowed_origins;
-    if !allowed.is_empty()
-        && let Some(origin) = headers.get(header::ORIGIN)
-        && !allowed.iter().any(|a| a.as_bytes() == origin.as_bytes())
-    {
-        return Err(HttpError::Origin);
     }
     let token = bearer(headers)
         .or(query.token.as_deref())
         .unwrap_or_default();
-    node.verifier.verify(token.trim()).map_err(|e| {
+    node.verifier.verify(token.trim()).await.map_err(|e| {
         node.metrics.auth_failure(e.label());
         debug!(reason = %e, "handshake refused");
         HttpError::Unauthorized(e)
@@ -208,7 +305,7 @@ async fn ws(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, HttpError> {
     let client = client_ip(&node, peer, &headers);
-    let grant = admit_handshake(&node, &headers, &query)?;
+    let grant = admit_handshake(&node, &headers, &query).await?;
     let upgrade = upgrade.map_err(HttpError::NotWebSocket)?;
     let admission = admit_client(&node, client)?;
     debug!(%client, user = %grant.user, "websocket accepted");
@@ -225,7 +322,7 @@ async fn echo(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, HttpError> {
     let client = client_ip(&node, peer, &headers);
-    admit_handshake(&node, &headers, &query)?;
+    admit_handshake(&node, &headers, &query).await?;
     let upgrade = upgrade.map_err(HttpError::NotWebSocket)?;
     let admission = admit_client(&node, client)?;
     Ok(
@@ -263,6 +360,8 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
     } else if !node.broker.is_ready() {
         (StatusCode::SERVICE_UNAVAILABLE, "broker unavailable")
+    } else if !node.verifier.is_ready() {
+        (StatusCode::SERVICE_UNAVAILABLE, "no JWKS keys loaded")
     } else {
         (StatusCode::OK, "ready")
     };
@@ -465,7 +564,7 @@ async fn sse(
     let query = TokenQuery {
         token: param("token"),
     };
-    let grant = admit_handshake(&node, &headers, &query)?;
+    let grant = admit_handshake(&node, &headers, &query).await?;
     // The SSE transport counts the connection by this address (port kept).
     let peer = SocketAddr::new(client_ip(&node, peer, &headers), peer.port());
     let last_event_id = param("last_event_id");
@@ -543,7 +642,7 @@ async fn api_presence(
     validate_channel(&channel).map_err(|e| bad("channel", format!("channel {e}")))?;
     if !node.policy.presence(&channel) {
         return Ok(not_found(
-            "channel tracks no presence (no --presence pattern matches it)",
+            "channel tracks no presence (no --presence or --presence-events pattern matches it)",
         ));
     }
     let clients = node.presence(&channel).await.map_err(|e| {

@@ -444,6 +444,11 @@ impl Hub {
         }
     }
 
+    /// The last position seen of `channel`, if it has local subscribers and keeps history.
+    pub fn seen_position(&self, channel: &str) -> Option<(Arc<str>, u64)> {
+        self.seen().get(channel).cloned()
+    }
+
     /// The last position of every local history channel.
     pub fn seen_positions(&self) -> Vec<(Arc<str>, Arc<str>, u64)> {
         self.seen()

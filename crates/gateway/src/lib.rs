@@ -1,11 +1,11 @@
 //! pushgate: a horizontally scalable WebSocket push gateway node.
 //!
-//! Module map: [`config`] (flags and environment), [`auth`] (tokens), [`hub`] (local sessions
-//! and fan-out), [`history`] (history rules, in-memory history), [`broker`] (embedded or Redis),
-//! [`node`] (what a node does with a message), [`session`] (one connection, WebSocket or SSE),
-//! [`sse`] (the SSE transport), [`http`] (handshakes and the server API), [`server`] (binding,
-//! serving, draining), [`tls`] (native TLS), [`proxy`] (client addresses behind
-//! trusted proxies), [`metrics`].
+//! Module map: [`config`] (flags and environment), [`auth`] (tokens), [`jwks`] (signing keys
+//! from a JWKS URL), [`hub`] (local sessions and fan-out), [`history`] (history rules, in-memory
+//! history), [`broker`] (embedded or Redis), [`node`] (what a node does with a message),
+//! [`session`] (one connection, WebSocket or SSE), [`sse`] (the SSE transport), [`http`]
+//! (handshakes and the server API), [`server`] (binding, serving, draining), [`tls`] (native
+//! TLS), [`proxy`] (client addresses behind trusted proxies), [`metrics`].
 #![forbid(unsafe_code)]
 
 pub mod auth;
@@ -14,6 +14,7 @@ pub mod config;
 pub mod history;
 pub mod http;
 pub mod hub;
+pub mod jwks;
 pub mod metrics;
 pub mod node;
 pub mod proxy;

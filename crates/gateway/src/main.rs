@@ -54,19 +54,25 @@ fn random_secret() -> String {
 
 /// `--dev`: fill in what a first run lacks, and say how to use it.
 fn dev_setup(args: &mut ServeArgs) {
-    let no_key = args.jwt.jwt_secret.is_none() && args.jwt.jwt_public_key.is_none();
+    let no_key = args.jwt.jwt_secret.is_none()
+        && args.jwt.jwt_public_key.is_none()
+        && args.jwt.jwt_jwks_url.is_none();
     if no_key {
         args.jwt.jwt_secret = Some(Secret::new(random_secret()));
     }
     if args.api_key.is_none() {
         args.api_key = Some(Secret::new(random_secret()));
     }
-    // The demo chat at `/` (channels `chat:ROOM`) recovers history and lists who is online.
+    // The demo chat at `/` (channels `chat:ROOM`) recovers history, lists who is online, and
+    // says who joins and leaves.
     if args.history.is_empty() {
         args.history = vec!["chat:*=200/10m".parse().expect("a valid history rule")];
     }
     if args.presence.is_empty() {
         args.presence = vec!["chat:*".into()];
+    }
+    if args.presence_events.is_empty() {
+        args.presence_events = vec!["chat:*".into()];
     }
     let port = args.listen.port();
     let base = format!("127.0.0.1:{port}");
@@ -108,6 +114,7 @@ fn dev_setup(args: &mut ServeArgs) {
         .collect();
     println!("  history:    {}", history.join(", "));
     println!("  presence:   {}", args.presence.join(", "));
+    println!("  presence events: {}", args.presence_events.join(", "));
     println!("  demo chat:  http://{base}/");
     println!("  metrics:    http://{base}/metrics");
 }
@@ -362,6 +369,12 @@ async fn subscribe_async(args: SubscribeArgs) -> anyhow::Result<()> {
                     format!("{channel}: dropped {dropped} deliveries (output too slow)")
                 }
                 Ok(Event::ServerError { code, message }) => format!("error {code:?}: {message}"),
+                Ok(Event::Join(e)) => {
+                    format!("{} joined {} (session {})", e.user, e.channel, e.session)
+                }
+                Ok(Event::Leave(e)) => {
+                    format!("{} left {} (session {})", e.user, e.channel, e.session)
+                }
                 Ok(_) => continue,
                 Err(RecvError::Lagged(n)) => format!("({n} status events skipped)"),
                 Err(RecvError::Closed) => break,

@@ -49,6 +49,50 @@ pub struct Drops {
     pub too_large: Counter,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FetchTrigger {
+    trigger: &'static str,
+}
+
+/// Figures of a JWKS key source (`--jwt-jwks-url`); registered by [`Metrics::register_jwks`]
+/// only on nodes that have one.
+#[derive(Clone, Debug)]
+pub struct JwksMetrics {
+    fetches: Family<FetchTrigger, Counter>,
+    pub refresh_failures: Counter,
+    /// Usable keys in the set held.
+    pub keys: Gauge,
+    /// Unix seconds of the last successful fetch (0: none yet).
+    pub last_success: Gauge,
+}
+
+impl Default for JwksMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl JwksMetrics {
+    pub fn new() -> Self {
+        let fetches = Family::<FetchTrigger, Counter>::default();
+        // Every trigger's series exists from the start.
+        for trigger in ["start", "interval", "unknown_kid"] {
+            let _ = fetches.get_or_create(&FetchTrigger { trigger });
+        }
+        Self {
+            fetches,
+            refresh_failures: Counter::default(),
+            keys: Gauge::default(),
+            last_success: Gauge::default(),
+        }
+    }
+
+    /// Counts a fetch started by `trigger` (`start`, `interval`, `unknown_kid`).
+    pub fn fetch(&self, trigger: &'static str) {
+        self.fetches.get_or_create(&FetchTrigger { trigger }).inc();
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub connections: Gauge,
@@ -260,6 +304,31 @@ impl Metrics {
         }
     }
 
+    /// Adds the JWKS key source's metrics (nodes with `--jwt-jwks-url`).
+    pub fn register_jwks(&mut self, jwks: &JwksMetrics) {
+        let registry = self.registry.sub_registry_with_prefix("pushgate");
+        registry.register(
+            "jwks_fetches",
+            "JWKS fetches started, by trigger (start, interval, unknown_kid)",
+            jwks.fetches.clone(),
+        );
+        registry.register(
+            "jwks_refresh_failures",
+            "JWKS fetches that failed (the keys held stay in use)",
+            jwks.refresh_failures.clone(),
+        );
+        registry.register(
+            "jwks_keys",
+            "Usable keys in the JWKS held",
+            jwks.keys.clone(),
+        );
+        registry.register(
+            "jwks_last_success_timestamp_seconds",
+            "Unix time of the last successful JWKS fetch (0: none yet)",
+            jwks.last_success.clone(),
+        );
+    }
+
     pub fn auth_failure(&self, reason: &'static str) {
         self.auth_failures.get_or_create(&Reason { reason }).inc();
     }
@@ -375,6 +444,29 @@ mod tests {
             .find_map(|l| l.strip_prefix("process_max_fds "))
             .and_then(|v| v.parse::<i64>().ok());
         assert!(max_fds.is_some_and(|n| n > 0), "{text}");
+    }
+
+    #[test]
+    fn jwks_metrics_appear_only_when_registered() {
+        let mut m = Metrics::new();
+        assert!(!m.render().contains("jwks"));
+        let jwks = JwksMetrics::new();
+        m.register_jwks(&jwks);
+        jwks.fetch("unknown_kid");
+        jwks.refresh_failures.inc();
+        jwks.keys.set(2);
+        jwks.last_success.set(1_700_000_000);
+        let text = m.render();
+        for line in [
+            r#"pushgate_jwks_fetches_total{trigger="start"} 0"#,
+            r#"pushgate_jwks_fetches_total{trigger="unknown_kid"} 1"#,
+            "pushgate_jwks_refresh_failures_total 1",
+            "pushgate_jwks_keys 2",
+            "pushgate_jwks_last_success_timestamp_seconds 1700000000",
+            "pushgate_connections 0",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 
     #[test]

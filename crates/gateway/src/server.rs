@@ -70,6 +70,10 @@ impl Server {
         let listener = listen(config.listen)
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
         let node = Node::start(config, verifier)?;
+        if let Some(jwks) = node.verifier.jwks() {
+            // The first fetch, waited for within its timeout; then background refreshes.
+            jwks.start(node.shutdown.clone()).await;
+        }
         node.metrics
             .connections_limit
             .set(i64::try_from(node.config.max_connections).unwrap_or(i64::MAX));

@@ -250,7 +250,9 @@ impl EventSink {
                 }
                 Some(Event::default().event("refused").data(frame.to_string()))
             }
-            "welcome" | "unsubscribed" => Some(Event::default().event(head.kind).data(text)),
+            "welcome" | "unsubscribed" | "join" | "leave" => {
+                Some(Event::default().event(head.kind).data(text))
+            }
             _ => None,
         }
     }
@@ -378,6 +380,19 @@ mod tests {
         assert_eq!(data_of(&text)["channel"], "plain");
         assert!(s.event(r#"{"type":"pong","id":3}"#).is_none());
         assert!(s.event("not json").is_none());
+    }
+
+    #[tokio::test]
+    async fn joins_and_leaves_are_named_events() {
+        let (mut s, _rx) = sink(&["chat:1"]);
+        for kind in ["join", "leave"] {
+            let frame =
+                format!(r#"{{"type":"{kind}","channel":"chat:1","user":"bob","session":"n2.x"}}"#);
+            let text = render(s.event(&frame).unwrap()).await;
+            assert!(text.starts_with(&format!("event: {kind}\n")), "{text:?}");
+            assert!(!text.contains("id:"), "{text:?}");
+            assert_eq!(data_of(&text)["user"], "bob");
+        }
     }
 
     #[tokio::test]

@@ -306,3 +306,70 @@ async fn presence_lists_the_subscribers_of_a_channel() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn recent_and_history_requests_on_an_embedded_node() {
+    let node = TestNode::start(&[
+        "--history",
+        "chat:*=100/10m",
+        "--history-request-limit",
+        "60",
+    ])
+    .await;
+    for i in 1..=120 {
+        publish(&node, "chat:1", json!(i)).await;
+    }
+    let mut a = Client::connect(&node.ws_url(), &alice()).await.unwrap();
+    let r = a
+        .request(json!({"type": "history", "channel": "chat:1", "limit": 50}))
+        .await;
+    let ServerFrame::History {
+        position, messages, ..
+    } = r
+    else {
+        panic!("{r:?}")
+    };
+    assert_eq!(position.offset, 120);
+    let got: Vec<_> = messages
+        .iter()
+        .map(|m| (m.offset, m.data.clone()))
+        .collect();
+    let want: Vec<_> = (71..=120).map(|i| (Some(i), json!(i))).collect();
+    assert_eq!(got, want);
+    // History holds the last 100 and the node gives at most 60.
+    let r = a
+        .request(json!({"type": "history", "channel": "chat:1", "limit": 1000}))
+        .await;
+    let ServerFrame::History { messages, .. } = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(messages.first().and_then(|m| m.offset), Some(61));
+    assert_eq!(messages.len(), 60);
+
+    let r = a
+        .request(json!({"type": "subscribe", "channel": "chat:1", "recent": 50}))
+        .await;
+    assert!(
+        matches!(&r, ServerFrame::Ack { position: Some(p), recovered: None, .. } if *p == position),
+        "{r:?}"
+    );
+    let want: Vec<_> = (71..=120).map(|i| (i, json!(i))).collect();
+    assert_eq!(take(&mut a, 50).await, want);
+    publish(&node, "chat:1", json!(121)).await;
+    assert_eq!(take(&mut a, 1).await, [(121, json!(121))]);
+
+    // Trimmed shorter than asked: what history holds.
+    let node = TestNode::start(&["--history", "chat:*=10/10m"]).await;
+    for i in 1..=30 {
+        publish(&node, "chat:2", json!(i)).await;
+    }
+    let mut b = Client::connect(&node.ws_url(), &alice()).await.unwrap();
+    let r = b
+        .request(json!({"type": "subscribe", "channel": "chat:2", "recent": 50}))
+        .await;
+    assert!(matches!(r, ServerFrame::Ack { .. }), "{r:?}");
+    let want: Vec<_> = (21..=30).map(|i| (i, json!(i))).collect();
+    assert_eq!(take(&mut b, 10).await, want);
+    publish(&node, "chat:2", json!(31)).await;
+    assert_eq!(take(&mut b, 1).await, [(31, json!(31))]);
+}

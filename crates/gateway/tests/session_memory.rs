@@ -114,7 +114,7 @@ fn node(flags: &[&str]) -> Arc<Node> {
 }
 
 fn start(node: &Arc<Node>, token: &str, wait: Duration) -> Peer {
-    let grant = node.verifier.verify(token).expect("valid token");
+    let grant = node.verifier.verify_held(token).expect("valid token");
     let admission = node
         .admit(IpAddr::V4(Ipv4Addr::LOCALHOST))
         .expect("admitted");
@@ -283,7 +283,7 @@ async fn the_token_expiry_closes_the_session_with_4001() {
 #[tokio::test]
 async fn an_idle_session_task_stays_small() {
     let node = node(&[]);
-    let grant = node.verifier.verify(&token("a", &[], &[])).unwrap();
+    let grant = node.verifier.verify_held(&token("a", &[], &[])).unwrap();
     let admission = node.admit(IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
     let (_to_session, incoming) = mpsc::unbounded_channel();
     let (outgoing, _from_session) = mpsc::unbounded_channel();

@@ -89,7 +89,12 @@ async fn a_dev_token_opens_a_connection_for_its_user() {
     assert_eq!(body["expires_in"], 3600);
     let token = body["token"].as_str().expect("a token");
 
-    let grant = node.node.verifier.verify(token).expect("a valid token");
+    let grant = node
+        .node
+        .verifier
+        .verify(token)
+        .await
+        .expect("a valid token");
     assert_eq!(grant.user, "alice");
     assert!(grant.subscribe.allows("any:channel") && grant.publish.allows("room:1"));
     let (_ws, welcome) = raw_connect(&node.ws_url(), token).await;

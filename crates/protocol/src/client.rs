@@ -26,6 +26,16 @@ pub enum ClientFrame<'a> {
         id: u64,
         channel: Cow<'a, str>,
         since: Option<Since<'a>>,
+        /// On a history channel: send the channel's last `recent` messages after the ack, then
+        /// the live ones. Never together with `since`.
+        recent: Option<u64>,
+    },
+    /// The last `limit` messages of a history channel, and its position.
+    History {
+        id: u64,
+        channel: Cow<'a, str>,
+        /// Absent: as many as the node allows (`--history-request-limit`).
+        limit: Option<u64>,
     },
     /// Who is subscribed to a presence channel.
     Presence {
@@ -59,11 +69,25 @@ impl PartialEq for ClientFrame<'_> {
                     id: a,
                     channel: c,
                     since: x,
+                    recent: r,
                 },
                 Subscribe {
                     id: b,
                     channel: d,
                     since: y,
+                    recent: s,
+                },
+            ) => a == b && c == d && x == y && r == s,
+            (
+                History {
+                    id: a,
+                    channel: c,
+                    limit: x,
+                },
+                History {
+                    id: b,
+                    channel: d,
+                    limit: y,
                 },
             ) => a == b && c == d && x == y,
             (Unsubscribe { id: a, channel: c }, Unsubscribe { id: b, channel: d })
@@ -91,6 +115,7 @@ impl ClientFrame<'_> {
     pub fn id(&self) -> u64 {
         match self {
             Self::Subscribe { id, .. }
+            | Self::History { id, .. }
             | Self::Presence { id, .. }
             | Self::Unsubscribe { id, .. }
             | Self::Publish { id, .. }
@@ -132,6 +157,10 @@ struct Loose<'a> {
     token: Option<&'a RawJson>,
     #[serde(borrow, default)]
     since: Option<&'a RawJson>,
+    #[serde(borrow, default)]
+    recent: Option<&'a RawJson>,
+    #[serde(borrow, default)]
+    limit: Option<&'a RawJson>,
 }
 
 /// Reads a string field. Fields stay raw until the frame's `id` is known, so that a field of the
@@ -139,6 +168,22 @@ struct Loose<'a> {
 fn string<'a>(raw: &'a RawJson, name: &str, id: Option<u64>) -> Result<Cow<'a, str>, DecodeError> {
     serde_json::from_str::<Cow<'a, str>>(raw.get())
         .map_err(|_| DecodeError::new(id, format!("\"{name}\" must be a string")))
+}
+
+/// Reads an optional count (`recent`, `limit`): a non-negative integer, or null for none.
+fn count(raw: Option<&RawJson>, name: &str, id: u64) -> Result<Option<u64>, DecodeError> {
+    match raw {
+        None => Ok(None),
+        Some(raw) if raw.get() == "null" => Ok(None),
+        Some(raw) => serde_json::from_str::<u64>(raw.get())
+            .map(Some)
+            .map_err(|_| {
+                DecodeError::new(
+                    Some(id),
+                    format!("\"{name}\" must be a non-negative integer"),
+                )
+            }),
+    }
 }
 
 /// Keeps `"data": null` apart from a missing `data`: null is a valid payload.
@@ -179,10 +224,9 @@ impl<'a> ClientFrame<'a> {
             )),
         };
         Ok(match kind.as_ref() {
-            "subscribe" => Self::Subscribe {
-                id,
-                channel: need(loose.channel, "channel")?,
-                since: match loose.since {
+            "subscribe" => {
+                let channel = need(loose.channel, "channel")?;
+                let since = match loose.since {
                     None => None,
                     Some(raw) if raw.get() == "null" => None,
                     Some(raw) => Some(
@@ -196,7 +240,25 @@ impl<'a> ClientFrame<'a> {
                                 )
                             })?,
                     ),
-                },
+                };
+                let recent = count(loose.recent, "recent", id)?;
+                if since.is_some() && recent.is_some() {
+                    return Err(DecodeError::new(
+                        Some(id),
+                        "\"since\" and \"recent\" exclude each other: since recovers from a position, recent starts with the last messages",
+                    ));
+                }
+                Self::Subscribe {
+                    id,
+                    channel,
+                    since,
+                    recent,
+                }
+            }
+            "history" => Self::History {
+                id,
+                channel: need(loose.channel, "channel")?,
+                limit: count(loose.limit, "limit", id)?,
             },
             "presence" => Self::Presence {
                 id,
@@ -248,7 +310,8 @@ mod tests {
             ClientFrame::Subscribe {
                 id: 1,
                 channel: "room:1".into(),
-                since: None
+                since: None,
+                recent: None
             }
         );
         assert_eq!(
@@ -261,7 +324,8 @@ mod tests {
                 since: Some(Since {
                     offset: 41,
                     epoch: "x".into()
-                })
+                }),
+                recent: None
             }
         );
         assert_eq!(
@@ -298,6 +362,117 @@ mod tests {
     }
 
     #[test]
+    fn decodes_history_and_recent() {
+        assert_eq!(
+            ok(r#"{"type":"history","id":7,"channel":"chat:1","limit":50}"#),
+            ClientFrame::History {
+                id: 7,
+                channel: "chat:1".into(),
+                limit: Some(50)
+            }
+        );
+        for text in [
+            r#"{"type":"history","id":7,"channel":"chat:1"}"#,
+            r#"{"type":"history","id":7,"channel":"chat:1","limit":null}"#,
+        ] {
+            assert_eq!(
+                ok(text),
+                ClientFrame::History {
+                    id: 7,
+                    channel: "chat:1".into(),
+                    limit: None
+                },
+                "{text}"
+            );
+        }
+        assert_eq!(
+            ok(r#"{"type":"history","id":8,"channel":"c","limit":0}"#).id(),
+            8
+        );
+        assert_eq!(
+            ok(r#"{"type":"subscribe","id":2,"channel":"chat:1","recent":50}"#),
+            ClientFrame::Subscribe {
+                id: 2,
+                channel: "chat:1".into(),
+                since: None,
+                recent: Some(50)
+            }
+        );
+        // `null` is no option: a client may send either field as null beside the other.
+        assert_eq!(
+            ok(
+                r#"{"type":"subscribe","id":2,"channel":"chat:1","recent":null,"since":{"offset":3,"epoch":"e"}}"#
+            ),
+            ClientFrame::Subscribe {
+                id: 2,
+                channel: "chat:1".into(),
+                since: Some(Since {
+                    offset: 3,
+                    epoch: "e".into()
+                }),
+                recent: None
+            }
+        );
+        assert_eq!(
+            ok(r#"{"type":"subscribe","id":2,"channel":"chat:1","since":null,"recent":0}"#),
+            ClientFrame::Subscribe {
+                id: 2,
+                channel: "chat:1".into(),
+                since: None,
+                recent: Some(0)
+            }
+        );
+    }
+
+    #[test]
+    fn bad_counts_are_refused_with_the_id() {
+        for (text, field) in [
+            (
+                r#"{"type":"history","id":4,"channel":"c","limit":-1}"#,
+                "limit",
+            ),
+            (
+                r#"{"type":"history","id":4,"channel":"c","limit":"50"}"#,
+                "limit",
+            ),
+            (
+                r#"{"type":"history","id":4,"channel":"c","limit":1.5}"#,
+                "limit",
+            ),
+            (
+                r#"{"type":"subscribe","id":4,"channel":"c","recent":-5}"#,
+                "recent",
+            ),
+            (
+                r#"{"type":"subscribe","id":4,"channel":"c","recent":true}"#,
+                "recent",
+            ),
+            (
+                r#"{"type":"subscribe","id":4,"channel":"c","recent":[50]}"#,
+                "recent",
+            ),
+            (r#"{"type":"history","id":4,"limit":5}"#, "channel"),
+            (r#"{"type":"history","id":4,"channel":9}"#, "channel"),
+        ] {
+            let e = err(text);
+            assert_eq!(e.id, Some(4), "{text}");
+            assert!(e.message.contains(field), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn since_and_recent_exclude_each_other() {
+        let e = err(
+            r#"{"type":"subscribe","id":5,"channel":"c","recent":10,"since":{"offset":1,"epoch":"e"}}"#,
+        );
+        assert_eq!(e.id, Some(5));
+        assert!(
+            e.message.contains("since") && e.message.contains("recent"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn null_data_is_a_payload_and_unknown_fields_are_ignored() {
         match ok(r#"{"type":"publish","id":1,"channel":"c","data":null,"extra":true}"#) {
             ClientFrame::Publish { data, .. } => assert_eq!(data.get(), "null"),
@@ -312,7 +487,8 @@ mod tests {
             ClientFrame::Subscribe {
                 id: 1,
                 channel: "room:1".into(),
-                since: None
+                since: None,
+                recent: None
             }
         );
     }
@@ -429,11 +605,20 @@ mod tests {
         }
 
         #[test]
+        fn history_round_trips(id in any::<u64>(), channel in "\\PC{1,40}", limit in proptest::option::of(any::<u64>())) {
+            let text = serde_json::json!({"type":"history","id":id,"channel":channel,"limit":limit}).to_string();
+            prop_assert_eq!(
+                ClientFrame::decode(&text).unwrap(),
+                ClientFrame::History { id, channel: channel.as_str().into(), limit }
+            );
+        }
+
+        #[test]
         fn subscribe_round_trips(id in any::<u64>(), channel in "\\PC{1,40}") {
             let text = serde_json::json!({"type":"subscribe","id":id,"channel":channel}).to_string();
             prop_assert_eq!(
                 ClientFrame::decode(&text).unwrap(),
-                ClientFrame::Subscribe { id, channel: channel.as_str().into(), since: None }
+                ClientFrame::Subscribe { id, channel: channel.as_str().into(), since: None, recent: None }
             );
         }
     }

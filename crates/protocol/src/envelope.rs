@@ -8,6 +8,10 @@
 //!
 //! On a history channel the envelope also carries its [`Stamp`] (`offset` and `epoch`), put in
 //! by the `pushgate_publish` Redis function that appends it to the channel's history.
+//!
+//! A channel topic also carries the joins and leaves of a presence-events channel
+//! ([`PresenceChange`]), which the presence Redis functions publish there: a channel topic's
+//! payload is a [`ChannelPayload`].
 
 use std::borrow::Cow;
 
@@ -15,6 +19,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
 
 use crate::RawJson;
+use crate::server::PresenceKind;
 
 /// Longest `id` accepted from a publisher, in bytes.
 pub const MAX_ID_BYTES: usize = 128;
@@ -33,6 +38,8 @@ pub enum EnvelopeError {
         "\"offset\" (a positive integer) and \"epoch\" (1 to 64 of A-Z a-z 0-9 - _) go together"
     )]
     BadStamp,
+    #[error("a presence event needs \"presence\" (join or leave), \"user\" and \"session\"")]
+    BadPresence,
 }
 
 /// Where a message sits in a history channel: its offset and the history's epoch.
@@ -103,6 +110,12 @@ struct Loose<'a> {
     offset: Option<&'a RawJson>,
     #[serde(borrow, default)]
     epoch: Option<&'a RawJson>,
+    /// Read only from payloads without `data` (a presence change): an envelope may carry any
+    /// other fields, these included.
+    #[serde(borrow, default)]
+    presence: Option<&'a RawJson>,
+    #[serde(borrow, default)]
+    user: Option<&'a RawJson>,
 }
 
 fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawJson>, D::Error> {
@@ -146,7 +159,14 @@ impl<'a> Envelope<'a> {
     /// `epoch`, or neither).
     pub fn decode_stamped(payload: &'a [u8]) -> Result<(Self, Option<Stamp<'a>>), EnvelopeError> {
         let mut loose = Loose::parse(payload)?;
-        let stamp = match (loose.offset.take(), loose.epoch.take()) {
+        let stamp = loose.take_stamp()?;
+        Ok((loose.into_envelope()?, stamp))
+    }
+}
+
+impl<'a> Loose<'a> {
+    fn take_stamp(&mut self) -> Result<Option<Stamp<'a>>, EnvelopeError> {
+        Ok(match (self.offset.take(), self.epoch.take()) {
             (None, None) => None,
             (Some(offset), Some(epoch)) => {
                 let offset = serde_json::from_str::<u64>(offset.get())
@@ -160,8 +180,70 @@ impl<'a> Envelope<'a> {
                 Some(Stamp { offset, epoch })
             }
             _ => return Err(EnvelopeError::BadStamp),
-        };
-        Ok((loose.into_envelope()?, stamp))
+        })
+    }
+}
+
+/// A join or leave on a presence-events channel, as carried on the channel's topic:
+/// `{"presence":"join","user":"bob","session":"n2.0301…"}`. The presence functions of the
+/// `pushgate` Redis library publish these; every node delivers each to its subscribers of the
+/// channel as a `join` or `leave` frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceChange<'a> {
+    pub kind: PresenceKind,
+    pub user: Cow<'a, str>,
+    pub session: Cow<'a, str>,
+}
+
+impl PresenceChange<'_> {
+    pub fn encode(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Out<'b> {
+            presence: &'b str,
+            user: &'b str,
+            session: &'b str,
+        }
+        serde_json::to_vec(&Out {
+            presence: self.kind.as_str(),
+            user: &self.user,
+            session: &self.session,
+        })
+        .expect("presence changes always serialize")
+    }
+}
+
+/// What a channel topic carries: a message (with its [`Stamp`] on history channels), or a
+/// presence change.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChannelPayload<'a> {
+    Message(Envelope<'a>, Option<Stamp<'a>>),
+    Presence(PresenceChange<'a>),
+}
+
+impl<'a> ChannelPayload<'a> {
+    /// A payload with a `presence` field and no `data` is a presence change; anything else an
+    /// envelope, read as [`Envelope::decode_stamped`] does.
+    pub fn decode(payload: &'a [u8]) -> Result<Self, EnvelopeError> {
+        let mut loose = Loose::parse(payload)?;
+        if loose.data.is_none()
+            && let Some(kind) = loose.presence.take()
+        {
+            let text =
+                |raw: Option<&'a RawJson>| serde_json::from_str::<Cow<'a, str>>(raw?.get()).ok();
+            let kind = text(Some(kind)).and_then(|k| PresenceKind::parse(&k));
+            let (Some(kind), Some(user), Some(session)) =
+                (kind, text(loose.user.take()), loose.session.take())
+            else {
+                return Err(EnvelopeError::BadPresence);
+            };
+            return Ok(Self::Presence(PresenceChange {
+                kind,
+                user,
+                session,
+            }));
+        }
+        let stamp = loose.take_stamp()?;
+        Ok(Self::Message(loose.into_envelope()?, stamp))
     }
 }
 
@@ -362,6 +444,66 @@ mod tests {
     }
 
     #[test]
+    fn channel_topics_carry_messages_and_presence_changes() {
+        let change = PresenceChange {
+            kind: PresenceKind::Join,
+            user: "bob \"b\"".into(),
+            session: "n2.abc".into(),
+        };
+        let bytes = change.encode();
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            r#"{"presence":"join","user":"bob \"b\"","session":"n2.abc"}"#
+        );
+        assert_eq!(
+            ChannelPayload::decode(&bytes).unwrap(),
+            ChannelPayload::Presence(change)
+        );
+        // As the Redis functions write it (cjson escapes '/').
+        assert_eq!(
+            ChannelPayload::decode(br#"{"presence":"leave","user":"a\/b","session":"n1.x"}"#)
+                .unwrap(),
+            ChannelPayload::Presence(PresenceChange {
+                kind: PresenceKind::Leave,
+                user: "a/b".into(),
+                session: "n1.x".into(),
+            })
+        );
+        // Messages read as before, stamps included; an envelope may carry fields named like
+        // these.
+        let ChannelPayload::Message(e, stamp) = ChannelPayload::decode(
+            br#"{"offset":3,"epoch":"e1","data":{"x":1},"presence":"join","user":5}"#,
+        )
+        .unwrap() else {
+            panic!("not a message")
+        };
+        assert_eq!(e.data.get(), r#"{"x":1}"#);
+        assert_eq!(stamp.map(|s| s.offset), Some(3));
+        assert!(matches!(
+            ChannelPayload::decode(br#"{"data":1}"#),
+            Ok(ChannelPayload::Message(_, None))
+        ));
+        for bad in [
+            &br#"{"presence":"joined","user":"u","session":"s"}"#[..],
+            br#"{"presence":"join","session":"s"}"#,
+            br#"{"presence":"join","user":"u"}"#,
+            br#"{"presence":1,"user":"u","session":"s"}"#,
+            br#"{"presence":"leave","user":7,"session":"s"}"#,
+        ] {
+            assert_eq!(
+                ChannelPayload::decode(bad),
+                Err(EnvelopeError::BadPresence),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(
+            ChannelPayload::decode(br#"{"id":"x"}"#),
+            Err(EnvelopeError::MissingData)
+        );
+    }
+
+    #[test]
     fn null_data_is_kept() {
         assert_eq!(
             Envelope::decode(br#"{"data":null}"#).unwrap().data.get(),
@@ -451,6 +593,7 @@ mod tests {
             let _ = NodeMessage::decode(&bytes);
             let _ = ControlMessage::decode(&bytes);
             let _ = Envelope::decode_stamped(&bytes);
+            let _ = ChannelPayload::decode(&bytes);
         }
 
         #[test]

@@ -16,7 +16,7 @@ pub mod server;
 pub use client::{ClientFrame, DecodeError, Since};
 pub use envelope::{ControlMessage, Envelope, NodeMessage};
 pub use names::{NameError, validate_channel, validate_user};
-pub use server::{ErrorCode, Position, PresenceEntry, Target};
+pub use server::{ErrorCode, Position, PresenceEntry, PresenceEvent, PresenceKind, Target};
 
 /// Any JSON value, kept as its original text.
 pub type RawJson = serde_json::value::RawValue;

@@ -69,6 +69,43 @@ pub struct PresenceEntry {
     pub joined_at: u64,
 }
 
+/// Which way a user went on a presence-events channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PresenceKind {
+    /// The user's first connection subscribed (no other connection of theirs was subscribed).
+    Join,
+    /// The user's last subscribed connection left: unsubscribed, disconnected, or its node died.
+    Leave,
+}
+
+impl PresenceKind {
+    /// `join` or `leave`: the frame's `type`, and the `presence` field of the Redis payload.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Join => "join",
+            Self::Leave => "leave",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "join" => Some(Self::Join),
+            "leave" => Some(Self::Leave),
+            _ => None,
+        }
+    }
+}
+
+/// A decoded `join` or `leave` frame: `user` came to or left `channel`; `session` is the
+/// connection that made it so (the user's first to subscribe, or last to leave).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceEvent {
+    pub channel: String,
+    pub user: String,
+    pub session: String,
+}
+
 #[derive(Serialize)]
 struct DeliveryOut<'a> {
     #[serde(rename = "type")]
@@ -165,6 +202,16 @@ enum Reply<'a> {
         channel: &'a str,
         clients: &'a [PresenceEntry],
     },
+    Join {
+        channel: &'a str,
+        user: &'a str,
+        session: &'a str,
+    },
+    Leave {
+        channel: &'a str,
+        user: &'a str,
+        session: &'a str,
+    },
 }
 
 /// `{"type":"welcome",...}`, the first frame on a `/ws` connection.
@@ -195,12 +242,72 @@ pub fn encode_subscribed(id: u64, offset: u64, epoch: &str, recovered: Option<bo
     })
 }
 
+#[derive(Serialize)]
+struct HistoryHead<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    id: u64,
+    channel: &'a str,
+    position: PositionOut<'a>,
+}
+
+/// `{"type":"history","id":N,"channel":"C","position":{"offset":O,"epoch":"E"},"messages":[...]}`:
+/// the reply to a history request. `messages` are encoded message frames (JSON objects, as
+/// [`encode_message_at`] makes them), oldest first; they are copied in as they are.
+pub fn encode_history<'m>(
+    id: u64,
+    channel: &str,
+    offset: u64,
+    epoch: &str,
+    messages: impl IntoIterator<Item = &'m str>,
+) -> String {
+    let mut text = to_string(&HistoryHead {
+        kind: "history",
+        id,
+        channel,
+        position: PositionOut { offset, epoch },
+    });
+    // The head is an object: reopen it for the messages.
+    text.pop();
+    text.push_str(",\"messages\":[");
+    for (i, message) in messages.into_iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(message);
+    }
+    text.push_str("]}");
+    text
+}
+
 /// `{"type":"presence",...}`: the reply to a presence request.
 pub fn encode_presence(id: u64, channel: &str, clients: &[PresenceEntry]) -> String {
     to_string(&Reply::Presence {
         id,
         channel,
         clients,
+    })
+}
+
+/// `{"type":"join",...}` or `{"type":"leave",...}`: a user came to or left a presence-events
+/// channel.
+pub fn encode_presence_event(
+    kind: PresenceKind,
+    channel: &str,
+    user: &str,
+    session: &str,
+) -> String {
+    to_string(&match kind {
+        PresenceKind::Join => Reply::Join {
+            channel,
+            user,
+            session,
+        },
+        PresenceKind::Leave => Reply::Leave {
+            channel,
+            user,
+            session,
+        },
     })
 }
 
@@ -262,6 +369,18 @@ pub enum ServerFrame {
         id: u64,
         channel: String,
         clients: Vec<PresenceEntry>,
+    },
+    /// A user's first connection subscribed to a presence-events channel.
+    Join(PresenceEvent),
+    /// A user's last connection left a presence-events channel.
+    Leave(PresenceEvent),
+    /// The reply to a history request: the channel's last messages, oldest first, and its
+    /// position (that of the last message, or where the channel is when it holds none).
+    History {
+        id: u64,
+        channel: String,
+        position: Position,
+        messages: Vec<Delivery>,
     },
     Message(Delivery),
 }
@@ -512,6 +631,113 @@ mod tests {
                 id: 3,
                 channel: "room:1".into(),
                 clients: clients.to_vec()
+            }
+        );
+    }
+
+    #[test]
+    fn joins_and_leaves_round_trip() {
+        let text = encode_presence_event(PresenceKind::Join, "chat:lobby", "bob", "n2.abc");
+        assert_eq!(
+            text,
+            r#"{"type":"join","channel":"chat:lobby","user":"bob","session":"n2.abc"}"#
+        );
+        let event = PresenceEvent {
+            channel: "chat:lobby".into(),
+            user: "bob".into(),
+            session: "n2.abc".into(),
+        };
+        assert_eq!(
+            ServerFrame::decode(&text).unwrap(),
+            ServerFrame::Join(event.clone())
+        );
+        let text = encode_presence_event(PresenceKind::Leave, "chat:lobby", "bob", "n2.abc");
+        assert_eq!(
+            text,
+            r#"{"type":"leave","channel":"chat:lobby","user":"bob","session":"n2.abc"}"#
+        );
+        assert_eq!(
+            ServerFrame::decode(&text).unwrap(),
+            ServerFrame::Leave(event)
+        );
+        // Names that need escaping survive.
+        let text = encode_presence_event(PresenceKind::Leave, "a\"b", "ünï/\\", "n.1");
+        let ServerFrame::Leave(e) = ServerFrame::decode(&text).unwrap() else {
+            panic!("{text}")
+        };
+        assert_eq!((e.channel.as_str(), e.user.as_str()), ("a\"b", "ünï/\\"));
+        // A frame missing a field is not an event.
+        assert!(ServerFrame::decode(r#"{"type":"join","channel":"c","user":"u"}"#).is_err());
+        for kind in [PresenceKind::Join, PresenceKind::Leave] {
+            assert_eq!(PresenceKind::parse(kind.as_str()), Some(kind));
+        }
+        assert_eq!(PresenceKind::parse("left"), None);
+    }
+
+    #[test]
+    fn history_replies_round_trip() {
+        let data = raw(r#"{"text":"hi"}"#);
+        let frames: Vec<String> = (41..=42)
+            .map(|offset| {
+                encode_message_at(
+                    &MessageRef {
+                        id: "i",
+                        ts: 5,
+                        from: Some("alice"),
+                        target: Target::Channel("chat:1"),
+                        data: &data,
+                    },
+                    offset,
+                    "e1",
+                )
+            })
+            .collect();
+        let text = encode_history(7, "chat:1", 42, "e1", frames.iter().map(String::as_str));
+        assert_eq!(
+            text,
+            format!(
+                r#"{{"type":"history","id":7,"channel":"chat:1","position":{{"offset":42,"epoch":"e1"}},"messages":[{},{}]}}"#,
+                frames[0], frames[1]
+            )
+        );
+        let ServerFrame::History {
+            id,
+            channel,
+            position,
+            messages,
+        } = ServerFrame::decode(&text).unwrap()
+        else {
+            panic!("{text}")
+        };
+        assert_eq!((id, channel.as_str()), (7, "chat:1"));
+        assert_eq!(
+            position,
+            Position {
+                offset: 42,
+                epoch: "e1".into()
+            }
+        );
+        let offsets: Vec<_> = messages.iter().map(|m| m.offset).collect();
+        assert_eq!(offsets, [Some(41), Some(42)]);
+        assert_eq!(messages[0].target(), Some(Target::Channel("chat:1")));
+        assert_eq!(messages[1].data, serde_json::json!({"text":"hi"}));
+
+        // No messages: the position alone. Names are escaped like everywhere else.
+        let text = encode_history(8, "chat:\"q\"", 0, "e2", []);
+        assert_eq!(
+            text,
+            r#"{"type":"history","id":8,"channel":"chat:\"q\"","position":{"offset":0,"epoch":"e2"},"messages":[]}"#
+        );
+        assert_eq!(
+            ServerFrame::decode(&text).unwrap(),
+            ServerFrame::History {
+                id: 8,
+                channel: "chat:\"q\"".into(),
+                position: Position {
+                    offset: 0,
+                    epoch: "e2".into()
+                },
+                messages: Vec::new()
             }
         );
     }

@@ -16,7 +16,9 @@ use std::task::{Context, Poll};
 use thiserror::Error;
 
 pub use self::publisher::Reply;
-pub use self::redis::{HistoryEntries, RedisBroker, RedisSettings, parse_position};
+pub use self::redis::{
+    HistoryEntries, PresenceItem, PresenceKeys, RedisBroker, RedisSettings, parse_position,
+};
 
 /// Receives what other nodes and backends publish.
 pub trait Inbound: Send + Sync + 'static {
@@ -53,6 +55,7 @@ pub struct Topics {
     meta: String,
     presence: String,
     presence_exp: String,
+    presence_users: String,
 }
 
 /// A Redis channel name, read back.
@@ -77,6 +80,7 @@ impl Topics {
             meta: format!("{prefix}:meta:"),
             presence: format!("{prefix}:presence:"),
             presence_exp: format!("{prefix}:presence-exp:"),
+            presence_users: format!("{prefix}:presence-users:"),
         }
     }
 
@@ -98,6 +102,12 @@ impl Topics {
     /// The sorted-set key of a presence channel's expiries (session -> Unix ms).
     pub fn presence_exp(&self, channel: &str) -> String {
         format!("{}{channel}", self.presence_exp)
+    }
+
+    /// The hash key of a presence channel's users (user -> how many of their sessions have an
+    /// entry).
+    pub fn presence_users(&self, channel: &str) -> String {
+        format!("{}{channel}", self.presence_users)
     }
 
     pub fn channel(&self, name: &str) -> String {
@@ -235,5 +245,6 @@ mod tests {
         assert_eq!(t.meta("chat:1"), "pg:meta:chat:1");
         assert_eq!(t.presence("room:1"), "pg:presence:room:1");
         assert_eq!(t.presence_exp("room:1"), "pg:presence-exp:room:1");
+        assert_eq!(t.presence_users("room:1"), "pg:presence-users:room:1");
     }
 }

@@ -111,6 +111,25 @@ impl Publisher {
         }
         Reply(rx)
     }
+
+    /// Like [`send`](Self::send) without waiting: gives `cmd` back when the lane's queue is full.
+    pub fn try_send(&self, key: u64, cmd: redis::Cmd) -> Result<Reply, redis::Cmd> {
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            cmd,
+            queued: Instant::now(),
+            reply,
+        };
+        let lane = &self.lanes[(key % self.lanes.len() as u64) as usize];
+        match lane.try_send(job) {
+            Ok(()) => Ok(Reply(rx)),
+            Err(mpsc::error::TrySendError::Full(job)) => Err(job.cmd),
+            Err(mpsc::error::TrySendError::Closed(job)) => {
+                let _ = job.reply.send(Err(BrokerError::Unavailable));
+                Ok(Reply(rx))
+            }
+        }
+    }
 }
 
 impl Lane {

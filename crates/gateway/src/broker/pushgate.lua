@@ -6,8 +6,11 @@
 -- A history channel `c` has two keys:
 --   {prefix}:history:c   a Stream of the channel's messages, entry IDs `{offset}-0`
 --   {prefix}:meta:c      a hash: `epoch` (a random ID) and `offset` (the last offset assigned)
--- A presence channel has a hash {prefix}:presence:c (session -> JSON entry) and a sorted set
--- {prefix}:presence-exp:c (session scored by its expiry, Unix ms by Redis's clock).
+-- A presence channel has a hash {prefix}:presence:c (session -> JSON entry), a sorted set
+-- {prefix}:presence-exp:c (session scored by its expiry, Unix ms by Redis's clock) and a hash
+-- {prefix}:presence-users:c (user -> how many of the user's sessions have an entry). On a
+-- presence-events channel the functions that change the entries also publish a join when a
+-- user's count goes from 0 to 1 and a leave when it drops to 0, on the channel's topic.
 
 local function int(n)
   return string.format('%d', n)
@@ -157,9 +160,138 @@ local function presence_list(keys)
   return out
 end
 
+-- The functions above (presence_add, _touch, _remove, _list) are what nodes of earlier
+-- versions call; they neither count users nor send events. Nodes now call the ones below, which
+-- take the users hash as a third key.
+
+-- Publishes a join or leave on `topic` (none when it is empty):
+-- {"presence":"join","user":"bob","session":"n2.0301..."}
+local function presence_event(topic, kind, user, session)
+  if topic and topic ~= '' then
+    redis.call('PUBLISH', topic, '{"presence":"' .. kind .. '","user":' .. cjson.encode(user)
+      .. ',"session":' .. cjson.encode(session) .. '}')
+  end
+end
+
+local function user_of(entry)
+  local ok, decoded = pcall(cjson.decode, entry)
+  if ok and type(decoded) == 'table' and type(decoded.user) == 'string' then
+    return decoded.user
+  end
+  return nil
+end
+
+-- Removes a session's entry; when it was its user's last, publishes a leave.
+local function remove_entry(keys, topic, session)
+  redis.call('ZREM', keys[2], session)
+  local entry = redis.call('HGET', keys[1], session)
+  if not entry then
+    return 0
+  end
+  redis.call('HDEL', keys[1], session)
+  local user = user_of(entry)
+  if user then
+    -- An entry an earlier node added was not counted: at or below 0 is the last one too.
+    if redis.call('HINCRBY', keys[3], user, -1) <= 0 then
+      redis.call('HDEL', keys[3], user)
+      presence_event(topic, 'leave', user, session)
+    end
+  end
+  return 1
+end
+
+local function keep_all(keys, ttl)
+  for _, key in ipairs(keys) do
+    keep(key, ttl)
+  end
+end
+
+-- FCALL pushgate_presence_join 3 <hash> <zset> <users> <ttl ms> <topic|""> <session> <user> <entry JSON> [...]
+-- Adds (or extends) entries. A new entry counts its user; the user's first publishes a join.
+local function presence_join(keys, args)
+  local ttl = positive(args[1], 'ttl')
+  local topic = args[2]
+  local expires = int(now_ms() + ttl)
+  for i = 3, #args - 2, 3 do
+    local session, user, entry = args[i], args[i + 1], args[i + 2]
+    if redis.call('HSET', keys[1], session, entry) == 1 then
+      if redis.call('HINCRBY', keys[3], user, 1) == 1 then
+        presence_event(topic, 'join', user, session)
+      end
+    end
+    redis.call('ZADD', keys[2], expires, session)
+  end
+  keep_all(keys, ttl)
+  return 1
+end
+
+-- FCALL pushgate_presence_leave 3 <hash> <zset> <users> <topic|""> <session> [<session> ...]
+-- Removes entries; a user's last publishes a leave. Returns how many were there.
+local function presence_leave(keys, args)
+  local removed = 0
+  for i = 2, #args do
+    removed = removed + remove_entry(keys, args[1], args[i])
+  end
+  return removed
+end
+
+-- FCALL pushgate_presence_refresh 3 <hash> <zset> <users> <ttl ms> <session> [<session> ...]
+-- Extends the entries of these sessions (every heartbeat of the node holding them). Returns
+-- the sessions that have no entry (removed as expired while their node was slow, or lost): the
+-- node adds them again.
+local function presence_refresh(keys, args)
+  local ttl = positive(args[1], 'ttl')
+  local expires = int(now_ms() + ttl)
+  local missing = {}
+  for i = 2, #args do
+    if redis.call('HEXISTS', keys[1], args[i]) == 1 then
+      redis.call('ZADD', keys[2], expires, args[i])
+    else
+      missing[#missing + 1] = args[i]
+    end
+  end
+  keep_all(keys, ttl)
+  return missing
+end
+
+-- FCALL pushgate_presence_expire 3 <hash> <zset> <users> <topic|""> <limit>
+-- Removes at most `limit` entries whose expiry has passed (their node stopped refreshing them),
+-- with their leaves. Returns how many. Atomic: of nodes sweeping at once, one removes each.
+local function presence_expire(keys, args)
+  local limit = positive(args[2], 'limit')
+  local expired = redis.call('ZRANGEBYSCORE', keys[2], '-inf', '(' .. int(now_ms()),
+    'LIMIT', 0, int(limit))
+  for _, session in ipairs(expired) do
+    remove_entry(keys, args[1], session)
+  end
+  return #expired
+end
+
+-- FCALL pushgate_presence_members 3 <hash> <zset> <users> <topic|"">
+-- Removes expired entries (with their leaves), returns the others' JSON.
+local function presence_members(keys, args)
+  local now = now_ms()
+  for _, session in ipairs(redis.call('ZRANGEBYSCORE', keys[2], '-inf', '(' .. int(now))) do
+    remove_entry(keys, args[1], session)
+  end
+  local out = {}
+  for _, session in ipairs(redis.call('ZRANGEBYSCORE', keys[2], int(now), '+inf')) do
+    local entry = redis.call('HGET', keys[1], session)
+    if entry then
+      out[#out + 1] = entry
+    end
+  end
+  return out
+end
+
 redis.register_function('pushgate_publish', publish)
 redis.register_function('pushgate_history', history)
 redis.register_function('pushgate_presence_add', presence_add)
 redis.register_function('pushgate_presence_touch', presence_touch)
 redis.register_function('pushgate_presence_remove', presence_remove)
 redis.register_function('pushgate_presence_list', presence_list)
+redis.register_function('pushgate_presence_join', presence_join)
+redis.register_function('pushgate_presence_leave', presence_leave)
+redis.register_function('pushgate_presence_refresh', presence_refresh)
+redis.register_function('pushgate_presence_expire', presence_expire)
+redis.register_function('pushgate_presence_members', presence_members)

@@ -46,9 +46,21 @@ pub const LIBRARY: &str = include_str!("pushgate.lua");
 /// pairs after the offset asked for.
 pub type HistoryEntries = (String, u64, Vec<(u64, Vec<u8>)>);
 
-/// Presence entries of one channel: its hash key, its sorted-set key, and items (sessions, or
-/// session and entry JSON pairs).
-pub type PresenceGroup<T> = (String, String, Vec<T>);
+/// The Redis keys of one presence channel, and the topic its joins and leaves go to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceKeys {
+    /// Session -> entry JSON.
+    pub hash: String,
+    /// Session -> expiry.
+    pub zset: String,
+    /// User -> how many of their sessions have an entry.
+    pub users: String,
+    /// The channel's topic on a presence-events channel; empty: no events.
+    pub topic: String,
+}
+
+/// A presence entry to add: session, user, entry JSON.
+pub type PresenceItem = (String, String, String);
 
 pub struct RedisSettings {
     pub url: String,
@@ -252,18 +264,25 @@ impl RedisBroker {
 
     /// Like [`fcall`](Self::fcall), for a pipeline of calls whose replies do not matter.
     async fn fcall_pipeline(&self, pipe: &redis::Pipeline) -> Result<(), BrokerError> {
+        self.fcall_pipeline_values(pipe).await.map(drop)
+    }
+
+    /// Like [`fcall`](Self::fcall), for a pipeline of calls: one reply each.
+    async fn fcall_pipeline_values(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<Vec<redis::Value>, BrokerError> {
         let run = async {
             let mut conn = self.connection().await?;
-            match pipe.query_async::<redis::Value>(&mut conn).await {
+            match pipe.query_async::<Vec<redis::Value>>(&mut conn).await {
                 Err(e) if is_missing_function(&e) => {
                     drop(conn);
                     self.load_functions().await?;
                     let mut conn = self.connection().await?;
-                    pipe.query_async::<redis::Value>(&mut conn).await
+                    pipe.query_async::<Vec<redis::Value>>(&mut conn).await
                 }
                 other => other,
             }
-            .map(drop)
             .map_err(|e| BrokerError::Redis(e.to_string()))
         };
         match tokio::time::timeout(self.timeout, run).await {
@@ -321,68 +340,125 @@ impl RedisBroker {
             .ok_or_else(|| BrokerError::Redis("unexpected pushgate_history reply".into()))
     }
 
-    /// `pushgate_presence_add` of `(hash, zset, [(session, entry JSON)])` groups, pipelined.
-    pub async fn presence_add(
+    /// Queues `cmd` on the publishing lane of `key`, after what was queued there before.
+    pub async fn queue(&self, key: u64, cmd: redis::Cmd) -> Reply {
+        self.publisher.send(key, cmd).await
+    }
+
+    /// Queues `cmd` on the lane of `key` if there is room now; gives it back otherwise.
+    pub fn try_queue(&self, key: u64, cmd: redis::Cmd) -> Result<Reply, redis::Cmd> {
+        self.publisher.try_send(key, cmd)
+    }
+
+    /// `pushgate_presence_join`: adds entries; a user's first publishes a join on the topic.
+    pub fn presence_join_cmd(
+        keys: &PresenceKeys,
+        ttl_ms: u64,
+        items: &[PresenceItem],
+    ) -> redis::Cmd {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg("pushgate_presence_join")
+            .arg(3)
+            .arg(&keys.hash)
+            .arg(&keys.zset)
+            .arg(&keys.users)
+            .arg(ttl_ms)
+            .arg(&keys.topic);
+        for (session, user, entry) in items {
+            cmd.arg(session).arg(user).arg(entry);
+        }
+        cmd
+    }
+
+    /// `pushgate_presence_leave`: removes entries; a user's last publishes a leave.
+    pub fn presence_leave_cmd(keys: &PresenceKeys, sessions: &[&str]) -> redis::Cmd {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg("pushgate_presence_leave")
+            .arg(3)
+            .arg(&keys.hash)
+            .arg(&keys.zset)
+            .arg(&keys.users)
+            .arg(&keys.topic)
+            .arg(sessions);
+        cmd
+    }
+
+    /// `pushgate_presence_join` of several channels' entries, pipelined (outside the lanes).
+    pub async fn presence_join_groups(
         &self,
-        groups: &[PresenceGroup<(String, String)>],
+        groups: &[(PresenceKeys, Vec<PresenceItem>)],
         ttl_ms: u64,
     ) -> Result<(), BrokerError> {
         let mut pipe = redis::pipe();
-        for (hash, zset, entries) in groups {
-            let cmd = pipe
-                .cmd("FCALL")
-                .arg("pushgate_presence_add")
-                .arg(2)
-                .arg(hash)
-                .arg(zset)
-                .arg(ttl_ms);
-            for (session, entry) in entries {
-                cmd.arg(session).arg(entry);
-            }
+        for (keys, items) in groups {
+            pipe.add_command(Self::presence_join_cmd(keys, ttl_ms, items));
         }
         self.fcall_pipeline(&pipe).await
     }
 
-    /// `pushgate_presence_touch` of `(hash, zset, sessions)` groups, pipelined.
-    pub async fn presence_touch(
+    /// `pushgate_presence_refresh` of `(keys, sessions)` groups, pipelined: extends the entries;
+    /// returns, per group, the sessions that had none.
+    pub async fn presence_refresh(
         &self,
-        groups: &[PresenceGroup<String>],
+        groups: &[(PresenceKeys, Vec<String>)],
         ttl_ms: u64,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<Vec<Vec<String>>, BrokerError> {
         let mut pipe = redis::pipe();
-        for (hash, zset, sessions) in groups {
+        for (keys, sessions) in groups {
             pipe.cmd("FCALL")
-                .arg("pushgate_presence_touch")
-                .arg(2)
-                .arg(hash)
-                .arg(zset)
+                .arg("pushgate_presence_refresh")
+                .arg(3)
+                .arg(&keys.hash)
+                .arg(&keys.zset)
+                .arg(&keys.users)
                 .arg(ttl_ms)
                 .arg(sessions);
         }
-        self.fcall_pipeline(&pipe).await
+        let values = self.fcall_pipeline_values(&pipe).await?;
+        values
+            .into_iter()
+            .map(|v| {
+                redis::from_redis_value::<Vec<String>>(v)
+                    .map_err(|e| BrokerError::Redis(format!("unexpected refresh reply: {e}")))
+            })
+            .collect()
     }
 
-    /// `pushgate_presence_remove` of `(hash, zset, sessions)` groups, pipelined.
-    pub async fn presence_remove(
+    /// `pushgate_presence_expire` of these channels, pipelined: removes up to `limit` expired
+    /// entries of each, with their leaves. Returns how many were removed in all.
+    pub async fn presence_expire(
         &self,
-        groups: &[PresenceGroup<String>],
-    ) -> Result<(), BrokerError> {
+        channels: &[PresenceKeys],
+        limit: u64,
+    ) -> Result<u64, BrokerError> {
         let mut pipe = redis::pipe();
-        for (hash, zset, sessions) in groups {
+        for keys in channels {
             pipe.cmd("FCALL")
-                .arg("pushgate_presence_remove")
-                .arg(2)
-                .arg(hash)
-                .arg(zset)
-                .arg(sessions);
+                .arg("pushgate_presence_expire")
+                .arg(3)
+                .arg(&keys.hash)
+                .arg(&keys.zset)
+                .arg(&keys.users)
+                .arg(&keys.topic)
+                .arg(limit);
         }
-        self.fcall_pipeline(&pipe).await
+        let values = self.fcall_pipeline_values(&pipe).await?;
+        Ok(values
+            .iter()
+            .map(|v| redis::from_redis_value::<u64>(v.clone()).unwrap_or(0))
+            .sum())
     }
 
-    /// `pushgate_presence_list`: the unexpired entries of a presence channel, as JSON.
-    pub async fn presence_list(&self, hash: &str, zset: &str) -> Result<Vec<Vec<u8>>, BrokerError> {
+    /// `pushgate_presence_members`: the unexpired entries of a presence channel, as JSON (the
+    /// expired ones are removed first, with their leaves).
+    pub async fn presence_members(&self, keys: &PresenceKeys) -> Result<Vec<Vec<u8>>, BrokerError> {
         let mut cmd = redis::cmd("FCALL");
-        cmd.arg("pushgate_presence_list").arg(2).arg(hash).arg(zset);
+        cmd.arg("pushgate_presence_members")
+            .arg(3)
+            .arg(&keys.hash)
+            .arg(&keys.zset)
+            .arg(&keys.users)
+            .arg(&keys.topic);
         self.fcall::<Vec<Vec<u8>>>(&cmd).await
     }
 

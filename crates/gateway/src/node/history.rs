@@ -111,6 +111,44 @@ impl Node {
         }
     }
 
+    /// The last `count` messages of a history channel, oldest first, and the channel's epoch
+    /// and the offset they run up to (`top`): the channel's last offset as of the read, or,
+    /// when messages keep coming faster than it reads, the last one it got. A channel without
+    /// history gets an epoch here, as with [`read_history`](Self::read_history).
+    ///
+    /// Each read is one consistent view (an atomic function call in Redis); a read is used
+    /// when it holds everything from `top - count` to its top. It starts from the position this
+    /// node last saw on the channel when it follows it (one read), otherwise it learns the top
+    /// first (two reads).
+    pub async fn read_recent(
+        &self,
+        channel: &str,
+        rule: &HistoryRule,
+        count: u64,
+    ) -> Result<HistoryRead, BrokerError> {
+        /// Room for messages published between learning the top and reading up to it.
+        const SLACK: u64 = 32;
+        /// Reads before settling for what the last one got (a channel busier than that).
+        const ATTEMPTS: usize = 3;
+        let (mut after, mut limit) = match self.hub.seen_position(channel) {
+            Some((_, seen)) if count > 0 => (seen.saturating_sub(count), count + SLACK),
+            _ => (0, 0),
+        };
+        let mut attempt = 1;
+        loop {
+            let read = self.read_history(channel, rule, after, limit).await?;
+            // Nothing asked for: any read has the top.
+            let complete = count == 0
+                || (after <= read.top.saturating_sub(count) && read.top - after <= limit);
+            if complete || attempt == ATTEMPTS {
+                return Ok(recent_of(read, count, complete));
+            }
+            attempt += 1;
+            after = read.top.saturating_sub(count);
+            limit = count + SLACK;
+        }
+    }
+
     /// After the Redis subscription was interrupted: for every local history channel, delivers
     /// (tagged) what history holds after the last message this node saw, so that subscribers
     /// get it even if no later message arrives. Sessions drop what they already have.
@@ -149,5 +187,65 @@ impl Node {
                 }
             }
         }
+    }
+}
+
+/// The last `count` messages of `read`. A read that was cut short by its limit (`complete`
+/// false) runs up to its last message rather than to the channel's top.
+fn recent_of(mut read: HistoryRead, count: u64, complete: bool) -> HistoryRead {
+    if !complete && let Some((last, _)) = read.entries.last() {
+        read.top = *last;
+    }
+    let top = read.top;
+    read.entries.retain(|(offset, _)| *offset <= top);
+    let keep = read
+        .entries
+        .len()
+        .min(count.min(usize::MAX as u64) as usize);
+    read.entries.drain(..read.entries.len() - keep);
+    // Offsets below top - count (a channel whose first held messages came before the top was
+    // learned) are not among the last `count`.
+    let floor = top.saturating_sub(count);
+    read.entries.retain(|(offset, _)| *offset > floor);
+    read
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(top: u64, offsets: impl IntoIterator<Item = u64>) -> HistoryRead {
+        HistoryRead {
+            epoch: "e".into(),
+            top,
+            entries: offsets
+                .into_iter()
+                .map(|o| (o, Frame::from(o.to_string())))
+                .collect(),
+        }
+    }
+
+    fn offsets(read: &HistoryRead) -> Vec<u64> {
+        read.entries.iter().map(|(o, _)| *o).collect()
+    }
+
+    #[test]
+    fn recent_keeps_the_last_messages_up_to_the_top() {
+        let r = recent_of(read(120, 71..=120), 50, true);
+        assert_eq!((r.top, offsets(&r)), (120, (71..=120).collect()));
+        // Read from an older guess: more than asked, and messages past the top are not read.
+        let r = recent_of(read(120, 60..=120), 50, true);
+        assert_eq!(offsets(&r), (71..=120).collect::<Vec<_>>());
+        // A history trimmed shorter than asked: what it holds.
+        let r = recent_of(read(120, 101..=120), 50, true);
+        assert_eq!(offsets(&r), (101..=120).collect::<Vec<_>>());
+        // Fewer messages than asked, none, or nothing asked for.
+        assert_eq!(offsets(&recent_of(read(3, 1..=3), 50, true)), [1, 2, 3]);
+        assert_eq!(recent_of(read(0, []), 50, true).top, 0);
+        let r = recent_of(read(120, []), 0, true);
+        assert_eq!((r.top, offsets(&r)), (120, vec![]));
+        // Cut short: it runs up to the last message read.
+        let r = recent_of(read(500, 71..=150), 50, false);
+        assert_eq!((r.top, offsets(&r)), (150, (101..=150).collect()));
     }
 }

@@ -7,14 +7,13 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use pushgate_protocol::envelope::{EnvelopeError, NodeStats, Stamp};
+use pushgate_protocol::envelope::{ChannelPayload, EnvelopeError, NodeStats, Stamp};
 use pushgate_protocol::server::{MessageRef, encode_message};
-use pushgate_protocol::{
-    ControlMessage, Envelope, NodeMessage, PresenceEntry, RawJson, Target, close,
-};
+use pushgate_protocol::{ControlMessage, Envelope, NodeMessage, RawJson, Target, close};
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
@@ -46,8 +45,10 @@ pub struct Node {
     pub policy: Policy,
     /// History with the embedded broker.
     pub memory: MemoryHistory,
-    /// This node's presence entries: channel -> session ID -> entry.
-    presence: Mutex<HashMap<Arc<str>, HashMap<String, PresenceEntry>>>,
+    /// This node's presence entries, per channel.
+    presence: Mutex<HashMap<Arc<str>, presence::Local>>,
+    /// Removals of presence entries on their way to Redis (a drain waits for them).
+    presence_tasks: TaskTracker,
     connections: Arc<Semaphore>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     /// Cancelled when a drain starts.
@@ -198,10 +199,15 @@ impl Node {
             .clone()
             .unwrap_or_else(|| Uuid::new_v4().simple().to_string())
             .into();
-        let metrics = Arc::new(Metrics::new());
+        let mut metrics = Metrics::new();
+        if let Some(jwks) = verifier.jwks() {
+            metrics.register_jwks(jwks.metrics());
+        }
+        let metrics = Arc::new(metrics);
         let topics = Topics::new(&config.redis_prefix);
         let shutdown = CancellationToken::new();
-        let policy = Policy::new(&config.history, &config.presence);
+        let policy = Policy::new(&config.history, &config.presence)
+            .with_presence_events(&config.presence_events);
         let mut broker_error = None;
         let node = Arc::new_cyclic(|me: &Weak<Node>| {
             let broker = match &config.redis_url {
@@ -234,6 +240,7 @@ impl Node {
                 policy,
                 memory: MemoryHistory::default(),
                 presence: Mutex::default(),
+                presence_tasks: TaskTracker::new(),
                 connections: Arc::new(Semaphore::new(config.max_connections)),
                 per_ip: Mutex::default(),
                 draining: CancellationToken::new(),
@@ -269,7 +276,7 @@ impl Node {
     }
 
     pub fn is_ready(&self) -> bool {
-        !self.is_draining() && self.broker.is_ready()
+        !self.is_draining() && self.broker.is_ready() && self.verifier.is_ready()
     }
 
     /// Takes a connection slot, or says why not.
@@ -400,9 +407,16 @@ impl Node {
     }
 
     /// A message on a channel topic: stamped (from history, delivered tagged, even our own:
-    /// the publishing node delivers history messages only when Redis hands them back) or plain.
+    /// the publishing node delivers history messages only when Redis hands them back) or plain;
+    /// or a presence change (a join or leave, from the presence functions).
     fn on_channel(&self, channel: &str, payload: &[u8]) -> Result<(), EnvelopeError> {
-        let (e, stamp) = Envelope::decode_stamped(payload)?;
+        let (e, stamp) = match ChannelPayload::decode(payload)? {
+            ChannelPayload::Message(e, stamp) => (e, stamp),
+            ChannelPayload::Presence(change) => {
+                self.on_presence_change(channel, &change);
+                return Ok(());
+            }
+        };
         let Some(stamp) = stamp else {
             return self.on_plain(Target::Channel(channel), e);
         };
@@ -512,6 +526,7 @@ impl Node {
 
     async fn heartbeats(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.config.heartbeat_interval);
+        let mut sweep_cursor = 0;
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -526,6 +541,9 @@ impl Node {
             }
             if let Err(e) = self.presence_touch().await {
                 debug!(error = %e, "presence entries not refreshed");
+            }
+            if let Err(e) = self.presence_sweep(&mut sweep_cursor).await {
+                debug!(error = %e, "expired presence entries not swept");
             }
         }
     }
@@ -568,6 +586,9 @@ impl Node {
                 "drain period over with connections still open"
             );
         }
+        // The closed connections' presence entries leave Redis (and their leaves go out) now
+        // rather than when they expire.
+        self.presence_settle().await;
     }
 }
 

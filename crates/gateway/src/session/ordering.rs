@@ -39,17 +39,21 @@ pub(super) enum Resume<'a> {
     Since(u64, &'a str),
     /// An SSE `Last-Event-ID`: positions on several channels, told apart by their epochs.
     AnyOf(&'a [(u64, String)]),
+    /// A first join that starts with the channel's last messages (a subscribe's `recent`):
+    /// nothing to recover, the backlog and then live messages.
+    Recent(u64),
 }
 
 impl Resume<'_> {
+    /// Whether there is something to recover (the ack says `recovered`).
     pub(super) fn asked(&self) -> bool {
-        !matches!(self, Self::No)
+        !matches!(self, Self::No | Self::Recent(_))
     }
 
     /// The offset to resume from on a channel whose current epoch is `epoch`.
     pub(super) fn offset_in(&self, epoch: &str) -> Option<u64> {
         match self {
-            Self::No => None,
+            Self::No | Self::Recent(_) => None,
             Self::Since(offset, e) => (*e == epoch).then_some(*offset),
             Self::AnyOf(list) => list.iter().find(|(_, e)| e == epoch).map(|(o, _)| *o),
         }
@@ -58,7 +62,7 @@ impl Resume<'_> {
     /// The offset to read history after, before the epoch is known.
     pub(super) fn guess(&self) -> Option<u64> {
         match self {
-            Self::No => None,
+            Self::No | Self::Recent(_) => None,
             Self::Since(offset, _) => Some(*offset),
             Self::AnyOf([(offset, _)]) => Some(*offset),
             Self::AnyOf(_) => None,

@@ -1,11 +1,12 @@
-//! Client requests: subscribe (with recovery), unsubscribe, publish, presence, ping, refresh.
+//! Client requests: subscribe (with recovery or the last messages), unsubscribe, publish, history,
+//! presence, ping, refresh.
 
 use std::sync::Arc;
 
 use axum::extract::ws::Message;
 use futures_util::Sink;
 use pushgate_protocol::server::{
-    UNSUBSCRIBED_REVOKED, encode_ack, encode_error, encode_pong, encode_presence,
+    UNSUBSCRIBED_REVOKED, encode_ack, encode_error, encode_history, encode_pong, encode_presence,
     encode_subscribed, encode_unsubscribed,
 };
 use pushgate_protocol::{ClientFrame, ErrorCode, Target, validate_channel};
@@ -69,13 +70,20 @@ where
             };
         }
         match frame {
-            ClientFrame::Subscribe { id, channel, since } => {
-                let resume = match &since {
-                    Some(s) => Resume::Since(s.offset, &s.epoch),
-                    None => Resume::No,
+            ClientFrame::Subscribe {
+                id,
+                channel,
+                since,
+                recent,
+            } => {
+                let resume = match (&since, recent) {
+                    (Some(s), _) => Resume::Since(s.offset, &s.epoch),
+                    (None, Some(n)) => Resume::Recent(n),
+                    (None, None) => Resume::No,
                 };
                 self.subscribe(id, &channel, resume).await.map(drop)
             }
+            ClientFrame::History { id, channel, limit } => self.history(id, &channel, limit).await,
             ClientFrame::Unsubscribe { id, channel } => self.unsubscribe(id, &channel).await,
             ClientFrame::Presence { id, channel } => self.presence(id, &channel).await,
             ClientFrame::Publish { id, channel, data } => {
@@ -106,7 +114,7 @@ where
                 Ok(())
             }
             ClientFrame::Ping { id } => self.reply(encode_pong(id)).await,
-            ClientFrame::Refresh { id, token } => match self.node.verifier.verify(&token) {
+            ClientFrame::Refresh { id, token } => match self.node.verifier.verify(&token).await {
                 Ok(grant) if grant.user == self.grant.user => {
                     self.grant = grant;
                     *expires = self.expiry();
@@ -226,9 +234,18 @@ where
                 let limit = node.config.history_recovery_limit;
                 // Without a single position to start from, the first read only learns the
                 // epoch and the top.
-                let mut read = match resume.guess() {
-                    Some(since) => node.read_history(channel, rule, since, limit).await,
-                    None => node.read_history(channel, rule, 0, 0).await,
+                let mut read = match resume {
+                    // The last messages, up to a top read after the join: the position is set
+                    // to it, so live messages at or below it are dropped, and those after it,
+                    // queued from the join on, follow (a gap is filled from history).
+                    Resume::Recent(n) => {
+                        let n = n.min(node.config.history_request_limit);
+                        node.read_recent(channel, rule, n).await
+                    }
+                    _ => match resume.guess() {
+                        Some(since) => node.read_history(channel, rule, since, limit).await,
+                        None => node.read_history(channel, rule, 0, 0).await,
+                    },
                 };
                 if let Ok(first) = &read
                     && resume.guess().is_none()
@@ -247,7 +264,10 @@ where
                         return Ok(false);
                     }
                 };
-                let missed = recoverable(&read, resume.offset_in(&read.epoch), limit);
+                let missed = match resume {
+                    Resume::Recent(_) => Some(read.entries.len()),
+                    _ => recoverable(&read, resume.offset_in(&read.epoch), limit),
+                };
                 if resume.asked() {
                     let counter = match missed {
                         Some(_) => &node.metrics.history_recoveries.recovered,
@@ -281,6 +301,42 @@ where
         self.write_frames(Some(reply), recovered.into_iter())
             .await?;
         Ok(true)
+    }
+
+    /// Answers a history request: the channel's last `limit` messages (at most
+    /// `--history-request-limit`) and its position.
+    pub(super) async fn history(
+        &mut self,
+        id: u64,
+        channel: &str,
+        limit: Option<u64>,
+    ) -> Result<(), Stop> {
+        if let Some((code, message)) = self.may_read(channel) {
+            return self.error(Some(id), code, &message).await;
+        }
+        let node = self.node.clone();
+        let Some(rule) = node.policy.history(channel) else {
+            return self
+                .error(
+                    Some(id),
+                    ErrorCode::NotFound,
+                    "channel keeps no history (no --history pattern matches it)",
+                )
+                .await;
+        };
+        let max = node.config.history_request_limit;
+        let count = limit.unwrap_or(max).min(max);
+        match node.read_recent(channel, rule, count).await {
+            Ok(read) => {
+                let messages = read.entries.iter().map(|(_, frame)| &*frame.text);
+                let reply = encode_history(id, channel, read.top, &read.epoch, messages);
+                self.reply(reply).await
+            }
+            Err(e) => {
+                debug!(error = %e, channel, "history read failed");
+                self.unavailable(id).await
+            }
+        }
     }
 
     pub(super) async fn presence(&mut self, id: u64, channel: &str) -> Result<(), Stop> {
