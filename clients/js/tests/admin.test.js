@@ -8,46 +8,29 @@
 
 import assert from "node:assert/strict";
 import { execFileSync, spawn } from "node:child_process";
-import { existsSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
 
 import { Pushgate } from "../pushgate.js";
-import { API_KEY, Inbox, Node, ROOT, Redis, WebSocket, freePort, next, sleep, token } from "./helpers.js";
+import { API_KEY, Inbox, NO_CHROMIUM, Node, ROOT, Redis, SHOTS, WebSocket, freePort, launchChromium, next, sleep, token } from "./helpers.js";
 
-const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const NGINX = ["/usr/sbin/nginx", "/usr/bin/nginx"].find((p) => existsSync(p));
-const SHOTS = path.join(ROOT, "target/screenshots");
 const WAIT = 15000;
 // Heartbeats carry each node's figures to the others; fast ones keep the test short.
 const NODE_ARGS = ["--heartbeat-interval", "300ms", "--presence", "room:*", "--history", "room:*=100/10m"];
 
-const missing = !existsSync(CHROMIUM);
-if (missing && process.env.CI) throw new Error(`no Chromium at ${CHROMIUM} (apt-get install chromium)`);
 
-describe("admin console in Chromium", { skip: missing && `no Chromium at ${CHROMIUM}`, timeout: 120000 }, () => {
+describe("admin console in Chromium", { skip: NO_CHROMIUM, timeout: 120000 }, () => {
   let redis, nodes, browser, ticker, nginx, scratch;
   const clients = [];
 
   before(async () => {
-    const { chromium } = await import("playwright-core");
     redis = await Redis.start();
     nodes = await Promise.all(["n1", "n2", "n3"].map((id) => Node.start({ id, redis, args: NODE_ARGS })));
-    mkdirSync(SHOTS, { recursive: true });
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      headless: true,
-      args: [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-      ],
-    });
+    browser = await launchChromium();
   });
 
   after(async () => {

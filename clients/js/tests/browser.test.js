@@ -11,43 +11,25 @@
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { randomUUID } from "node:crypto";
-import { existsSync, mkdirSync } from "node:fs";
+
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
 
-import { API_KEY, Node, ROOT, Redis } from "./helpers.js";
+import { API_KEY, NO_CHROMIUM, Node, Redis, SHOTS, launchChromium } from "./helpers.js";
 
-const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
-const SHOTS = path.join(ROOT, "target/screenshots");
 const WAIT = 15000;
 
-const missing = !existsSync(CHROMIUM);
-if (missing && process.env.CI) throw new Error(`no Chromium at ${CHROMIUM} (apt-get install chromium)`);
 
-describe("demo chat in Chromium", { skip: missing && `no Chromium at ${CHROMIUM}`, timeout: 120000 }, () => {
+describe("demo chat in Chromium", { skip: NO_CHROMIUM, timeout: 120000 }, () => {
   let redis, n1, n2, browser;
 
   before(async () => {
-    const { chromium } = await import("playwright-core");
     redis = await Redis.start();
     // The same secret on both nodes (passed explicitly); --dev adds /dev/token, and history
     // (chat:*=200/10m) and presence (chat:*) for the chat's channels.
     n1 = await Node.start({ id: "n1", redis, args: ["--dev"] });
     n2 = await Node.start({ id: "n2", redis, args: ["--dev"] });
-    mkdirSync(SHOTS, { recursive: true });
-    // launch() runs the browser on a new, temporary user-data-dir.
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      headless: true,
-      args: [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-      ],
-    });
+    browser = await launchChromium();
   });
 
   after(async () => {

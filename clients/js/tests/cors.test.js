@@ -9,19 +9,15 @@
 // Screenshots land in target/screenshots/.
 
 import assert from "node:assert/strict";
-import { existsSync, mkdirSync } from "node:fs";
+
 import http from "node:http";
 import path from "node:path";
 import { after, before, describe, it } from "node:test";
 
-import { Node, ROOT, sleep, token } from "./helpers.js";
+import { NO_CHROMIUM, Node, SHOTS, launchChromium, sleep, token } from "./helpers.js";
 
-const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
-const SHOTS = path.join(ROOT, "target/screenshots");
 const WAIT = 15000;
 
-const missing = !existsSync(CHROMIUM);
-if (missing && process.env.CI) throw new Error(`no Chromium at ${CHROMIUM} (apt-get install chromium)`);
 
 // The page: a log of what each EventSource (by tag) saw, kept in `window.seen` and shown.
 const PAGE = `<!doctype html>
@@ -73,30 +69,17 @@ function pageServer() {
   });
 }
 
-describe("pages on another origin in Chromium", { skip: missing && `no Chromium at ${CHROMIUM}`, timeout: 120000 }, () => {
+describe("pages on another origin in Chromium", { skip: NO_CHROMIUM, timeout: 120000 }, () => {
   let listed, other, gw, open, browser;
 
   before(async () => {
-    const { chromium } = await import("playwright-core");
     listed = await pageServer();
     other = await pageServer();
     // Only the first page origin may use gw; open allows any origin (the default). Both keep
     // history on room:*, so that a stream resumes from its Last-Event-ID.
     gw = await Node.start({ id: "gw", args: ["--allowed-origins", listed.origin, "--history", "room:*=100/10m"] });
     open = await Node.start({ id: "open", args: ["--history", "room:*=100/10m"] });
-    mkdirSync(SHOTS, { recursive: true });
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      headless: true,
-      args: [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-      ],
-    });
+    browser = await launchChromium();
   });
 
   after(async () => {

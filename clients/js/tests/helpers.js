@@ -3,7 +3,7 @@
 
 import { spawn } from "node:child_process";
 import { createHmac, randomUUID } from "node:crypto";
-import { existsSync } from "node:fs";
+import { existsSync, mkdirSync } from "node:fs";
 import net from "node:net";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -17,6 +17,31 @@ export const SECRET = "pushgate-js-test-secret";
 export const API_KEY = "pushgate-js-test-api-key";
 /** How long any single expected event may take. */
 export const WAIT = 10000;
+
+// Browser tests: Debian's Chromium driven by playwright-core; screenshots in target/screenshots/.
+export const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+export const SHOTS = path.join(ROOT, "target/screenshots");
+/** Why the browser tests are skipped (no Chromium here), or false; in CI a missing one is an error. */
+export const NO_CHROMIUM = !existsSync(CHROMIUM) && `no Chromium at ${CHROMIUM}`;
+if (NO_CHROMIUM && process.env.CI) throw new Error(`${NO_CHROMIUM} (apt-get install chromium)`);
+
+/** A headless Chromium on a new, temporary user-data-dir. */
+export async function launchChromium() {
+  const { chromium } = await import("playwright-core");
+  mkdirSync(SHOTS, { recursive: true });
+  return chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: [
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+      "--no-first-run",
+    ],
+  });
+}
 
 const children = new Set();
 process.on("exit", () => {
