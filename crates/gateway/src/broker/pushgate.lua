@@ -141,6 +141,18 @@ local function presence_remove(keys, args)
   return 1
 end
 
+-- The JSON of the entries still live at `now` (hash keys[1], expiries in zset keys[2]).
+local function live_entries(keys, now)
+  local out = {}
+  for _, session in ipairs(redis.call('ZRANGEBYSCORE', keys[2], int(now), '+inf')) do
+    local entry = redis.call('HGET', keys[1], session)
+    if entry then
+      out[#out + 1] = entry
+    end
+  end
+  return out
+end
+
 -- FCALL pushgate_presence_list 2 <hash> <zset>
 -- Drops expired entries, returns the others' JSON.
 local function presence_list(keys)
@@ -150,14 +162,7 @@ local function presence_list(keys)
     redis.call('HDEL', keys[1], session)
     redis.call('ZREM', keys[2], session)
   end
-  local out = {}
-  for _, session in ipairs(redis.call('ZRANGEBYSCORE', keys[2], int(now), '+inf')) do
-    local entry = redis.call('HGET', keys[1], session)
-    if entry then
-      out[#out + 1] = entry
-    end
-  end
-  return out
+  return live_entries(keys, now)
 end
 
 -- The functions above (presence_add, _touch, _remove, _list) are what nodes of earlier
@@ -274,14 +279,7 @@ local function presence_members(keys, args)
   for _, session in ipairs(redis.call('ZRANGEBYSCORE', keys[2], '-inf', '(' .. int(now))) do
     remove_entry(keys, args[1], session)
   end
-  local out = {}
-  for _, session in ipairs(redis.call('ZRANGEBYSCORE', keys[2], int(now), '+inf')) do
-    local entry = redis.call('HGET', keys[1], session)
-    if entry then
-      out[#out + 1] = entry
-    end
-  end
-  return out
+  return live_entries(keys, now)
 end
 
 redis.register_function('pushgate_publish', publish)
