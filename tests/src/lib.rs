@@ -398,6 +398,34 @@ impl NodeProcess {
         }
     }
 
+    /// What `/healthz` answers now.
+    pub async fn health(&self) -> serde_json::Value {
+        reqwest::get(self.url("/healthz"))
+            .await
+            .expect("GET /healthz")
+            .json()
+            .await
+            .expect("/healthz answers JSON")
+    }
+
+    /// Waits until `/healthz` says the broker is up (`true`) or down (`false`).
+    pub async fn wait_broker(&self, ready: bool) {
+        eventually(
+            &format!("node {} broker ready == {ready}", self.id),
+            || async { self.health().await["broker"]["ready"] == ready },
+        )
+        .await;
+    }
+
+    /// Waits until the node has heard the heartbeats of `peers` other nodes (`/api/nodes`).
+    pub async fn wait_peers(&self, peers: usize) {
+        eventually(&format!("node {} hears {peers} peers", self.id), || async {
+            let (_, body) = api_get(&self.base(), "/api/nodes").await;
+            body["nodes"].as_array().map_or(0, Vec::len) == peers + 1
+        })
+        .await;
+    }
+
     /// Waits until `/readyz` answers `status`.
     pub async fn wait_ready(&self, status: u16) {
         let http = reqwest::Client::new();
@@ -1403,14 +1431,18 @@ impl Drop for Nginx {
 pub struct TcpProxy {
     pub addr: SocketAddr,
     state: std::sync::Arc<ProxyState>,
+    accept: tokio::task::AbortHandle,
 }
 
 #[derive(Default)]
 struct ProxyState {
     /// Per open connection: whether upstream bytes are dropped.
     silent: std::sync::Mutex<Vec<std::sync::Weak<std::sync::atomic::AtomicBool>>>,
+    /// One per connection, forwarding it.
     tasks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
     opened: AtomicU64,
+    /// Set while the proxy refuses connections (see [`TcpProxy::cut`]).
+    cut: std::sync::atomic::AtomicBool,
 }
 
 impl TcpProxy {
@@ -1431,6 +1463,9 @@ impl TcpProxy {
             let state = state.clone();
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
+                    if state.cut.load(Ordering::Acquire) {
+                        continue; // dropped: closed at once
+                    }
                     let Ok(server) = TcpStream::connect(upstream).await else {
                         continue;
                     };
@@ -1447,8 +1482,11 @@ impl TcpProxy {
                 }
             })
         };
-        state.tasks.lock().unwrap().push(accept.abort_handle());
-        Self { addr, state }
+        Self {
+            addr,
+            state,
+            accept: accept.abort_handle(),
+        }
     }
 
     async fn forward(
@@ -1505,6 +1543,20 @@ impl TcpProxy {
         tokio::join!(read, write);
     }
 
+    /// Cuts the link: closes every open connection and refuses new ones until
+    /// [`restore`](Self::restore). A network partition between the proxy's two sides.
+    pub fn cut(&self) {
+        self.state.cut.store(true, Ordering::Release);
+        for task in self.state.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Lets connections through again after [`cut`](Self::cut).
+    pub fn restore(&self) {
+        self.state.cut.store(false, Ordering::Release);
+    }
+
     /// Connections that were silenced and are still open (neither end has closed them).
     pub fn silent_connections(&self) -> usize {
         let silent = self.state.silent.lock().unwrap();
@@ -1535,6 +1587,7 @@ impl TcpProxy {
 
 impl Drop for TcpProxy {
     fn drop(&mut self) {
+        self.accept.abort();
         for task in self.state.tasks.lock().unwrap().drain(..) {
             task.abort();
         }

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use pushgate_protocol::ErrorCode;
 use pushgate_protocol::server::{Delivery, ServerFrame};
 use pushgate_tests::{
-    Client, Cluster, NodeProcess, api, api_get, eventually, metric, sorted_data, token,
+    Client, Cluster, NodeProcess, RedisServer, TcpProxy, api, api_get, eventually, metric,
+    sorted_data, token,
 };
 use serde_json::{Value, json};
 
@@ -502,7 +503,12 @@ async fn invalid_payloads_on_redis_are_counted_and_dropped() {
 
 #[tokio::test]
 async fn redis_outage_keeps_local_delivery_and_recovers_without_restarting_nodes() {
-    let mut cluster = Cluster::start(3, &[]).await;
+    let mut cluster = Cluster::start(3, &["--heartbeat-interval", "300ms"]).await;
+    // Each node knows the others, so each asks them during the outage (and hears they lost
+    // Redis too).
+    for node in &cluster.nodes {
+        node.wait_peers(2).await;
+    }
     let mut publisher = connect(&cluster.nodes[0], "alice").await;
     let mut subscribers = Vec::new();
     for node in &cluster.nodes {
@@ -525,7 +531,11 @@ async fn redis_outage_keeps_local_delivery_and_recovers_without_restarting_nodes
 
     cluster.redis.stop();
     for node in &cluster.nodes {
-        node.wait_ready(503).await;
+        node.wait_broker(false).await;
+        // Redis is down for every node: each still serves its clients, and stays ready.
+        let health = node.health().await;
+        assert_eq!(health["broker"]["isolated"], false, "{health}");
+        assert_eq!(node.readyz().await, 200, "{} during the outage", node.id);
         let (status, body) = api(
             &node.base(),
             "/api/publish",
@@ -588,7 +598,7 @@ async fn redis_outage_keeps_local_delivery_and_recovers_without_restarting_nodes
 
     cluster.redis.restart();
     for node in &cluster.nodes {
-        node.wait_ready(200).await;
+        node.wait_broker(true).await;
         assert!(metric(&node.base(), RECONNECTS).await >= 2.0);
     }
     // Everything needed was subscribed again, including what was taken during the outage.
@@ -789,7 +799,7 @@ async fn a_paused_redis_is_detected_by_the_liveness_probe() {
     // The connections stay open, but nothing comes back: only the probe can tell.
     cluster.redis.signal("STOP");
     for node in &cluster.nodes {
-        node.wait_ready(503).await;
+        node.wait_broker(false).await;
         assert!(metric(&node.base(), "pushgate_redis_probe_failures_total").await >= 1.0);
     }
     let started = Instant::now();
@@ -813,7 +823,7 @@ async fn a_paused_redis_is_detected_by_the_liveness_probe() {
 
     cluster.redis.signal("CONT");
     for node in &cluster.nodes {
-        node.wait_ready(200).await;
+        node.wait_broker(true).await;
     }
     publish_acked(&mut subscribers[2], "room:p", json!("resumed")).await;
     let [s1, s2, s3] = &mut subscribers[..] else {
@@ -896,4 +906,75 @@ async fn stats_show_every_node_of_the_cluster() {
         })
         .await;
     }
+}
+
+#[tokio::test]
+async fn a_node_cut_off_from_redis_alone_is_unready_and_refuses_new_clients_until_it_is_back() {
+    const FLAGS: &[&str] = &[
+        "--heartbeat-interval",
+        "300ms",
+        "--redis-probe-interval",
+        "300ms",
+        "--redis-timeout",
+        "1s",
+    ];
+    // n1 reaches Redis through a proxy that can cut the link; n2 directly.
+    let redis = RedisServer::start();
+    let proxy = TcpProxy::start(([127, 0, 0, 1], redis.port()).into()).await;
+    let n1 = NodeProcess::spawn("n1", Some(&format!("redis://{}/", proxy.addr)), FLAGS).await;
+    let n2 = NodeProcess::spawn("n2", Some(&redis.url()), FLAGS).await;
+    for node in [&n1, &n2] {
+        node.wait_ready(200).await;
+        node.wait_peers(1).await;
+    }
+    let mut kept = connect(&n1, "alice").await;
+    kept.subscribe("room:kept").await;
+
+    proxy.cut();
+    n1.wait_broker(false).await;
+    n1.wait_ready(503).await;
+    let readyz: Value = reqwest::get(n1.url("/readyz"))
+        .await
+        .expect("GET /readyz")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(
+        readyz["reason"], "other nodes reach the broker and this node does not",
+        "{readyz}"
+    );
+    assert_eq!(n1.health().await["broker"]["isolated"], true);
+    assert_eq!(metric(&n1.base(), "pushgate_broker_isolated").await, 1.0);
+    // n2 still reaches Redis and stays ready.
+    assert_eq!(n2.readyz().await, 200);
+    assert_eq!(n2.health().await["broker"]["ready"], true);
+
+    // New clients go elsewhere; the ones n1 has stay and are served on n1.
+    let refused = Client::connect(&n1.ws_url(), &token("late", &["room:*"], &["room:*"]))
+        .await
+        .err()
+        .expect("a node cut off from Redis refuses new connections");
+    assert_eq!(refused.status, 503, "{:?}", refused.body);
+    let reply = kept.publish("room:kept", json!("local")).await;
+    assert!(
+        matches!(
+            reply,
+            ServerFrame::Error {
+                code: ErrorCode::Unavailable,
+                ..
+            }
+        ),
+        "{reply:?}"
+    );
+    assert_eq!(kept.message().await.data, json!("local"));
+
+    proxy.restore();
+    n1.wait_broker(true).await;
+    n1.wait_ready(200).await;
+    assert_eq!(metric(&n1.base(), "pushgate_broker_isolated").await, 0.0);
+    let mut late = connect(&n1, "late").await;
+    late.subscribe("room:kept").await;
+    api_publish(&n2, json!({"channel": "room:kept", "data": "across"})).await;
+    assert_eq!(kept.message().await.data, json!("across"));
+    assert_eq!(late.message().await.data, json!("across"));
 }

@@ -820,7 +820,7 @@ async fn a_redis_outage_keeps_local_delivery_and_every_node_recovers_by_itself()
     let down_at = Instant::now();
     edge.redis.stop();
     for node in &edge.nodes {
-        node.wait_ready(503).await;
+        node.wait_broker(false).await;
     }
     for node in &edge.nodes {
         // API publishes are refused: the node cannot reach the other nodes.
@@ -851,22 +851,27 @@ async fn a_redis_outage_keeps_local_delivery_and_every_node_recovers_by_itself()
             assert_eq!(d.data, json!("during-outage"));
         }
     }
-    // Unready for the whole outage.
+    // Ready for the whole outage: every node lost Redis, none alone, and each serves its own
+    // clients (taking every node out of service would leave them nowhere to go).
     while down_at.elapsed() < OUTAGE {
         for node in &edge.nodes {
-            assert_eq!(node.readyz().await, 503, "{} during the outage", node.id);
+            assert_eq!(node.readyz().await, 200, "{} during the outage", node.id);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for node in &edge.nodes {
+        let health = node.health().await;
+        assert_eq!(health["broker"]["ready"], false, "{}: {health}", node.id);
+        assert_eq!(health["broker"]["isolated"], false, "{}: {health}", node.id);
+        let isolated = metric(&node.base(), "pushgate_broker_isolated").await;
+        assert_eq!(isolated, 0.0, "{}", node.id);
     }
 
     edge.redis.restart();
     let up_at = Instant::now();
     let mut times = Vec::new();
     for node in &edge.nodes {
-        pushgate_tests::eventually(&format!("{} ready again", node.id), || async {
-            node.readyz().await == 200
-        })
-        .await;
+        node.wait_broker(true).await;
         times.push((node.id.clone(), up_at.elapsed()));
     }
     println!("redis outage: ready again after the restart: {times:?}");
@@ -922,7 +927,7 @@ async fn killed_pubsub_connections_are_reestablished_behind_nginx() {
     for node in &edge.nodes {
         let base = node.base();
         pushgate_tests::eventually(&format!("{} resubscribed", node.id), || async {
-            metric(&base, reconnects).await >= 2.0 && node.readyz().await == 200
+            metric(&base, reconnects).await >= 2.0 && node.health().await["broker"]["ready"] == true
         })
         .await;
         times.push((node.id.clone(), killed_at.elapsed()));
@@ -975,15 +980,12 @@ async fn a_subscription_that_goes_silent_is_caught_by_the_probe_and_restarted() 
     let silenced_at = Instant::now();
     let silenced = proxy.silence_open_connections();
     assert!(silenced >= 1, "n1's Redis connections go through the proxy");
-    pushgate_tests::eventually("n1 notices the silence", || async {
-        n1.readyz().await == 503
-    })
-    .await;
+    n1.wait_broker(false).await;
     let noticed = silenced_at.elapsed();
-    pushgate_tests::eventually("n1 subscribed again", || async { n1.readyz().await == 200 }).await;
+    n1.wait_broker(true).await;
     let recovered = silenced_at.elapsed();
     println!(
-        "silent subscription: n1 unready after {noticed:?}, ready again after {recovered:?}; \
+        "silent subscription: n1 lost Redis after {noticed:?}, back after {recovered:?}; \
          {} connections silenced, {} opened through the proxy",
         silenced,
         proxy.opened()
@@ -1000,6 +1002,7 @@ async fn a_subscription_that_goes_silent_is_caught_by_the_probe_and_restarted() 
         proxy.silent_connections() == 0
     })
     .await;
+    n1.wait_broker(true).await;
     n1.wait_ready(200).await;
     let failed = metric(&n1.base(), failures).await;
     println!("silent subscription: {failed} probe failures until steady");

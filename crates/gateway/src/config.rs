@@ -147,8 +147,15 @@ fn positive_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn jwks_url(s: &str) -> Result<reqwest::Url, String> {
-    let url = reqwest::Url::parse(s)
-        .map_err(|e| format!("{e} (example: https://auth.example.com/.well-known/jwks.json)"))?;
+    web_url(s, "https://auth.example.com/.well-known/jwks.json")
+}
+
+fn http_url(s: &str) -> Result<reqwest::Url, String> {
+    web_url(s, "http://10.0.0.5:8080")
+}
+
+fn web_url(s: &str, example: &str) -> Result<reqwest::Url, String> {
+    let url = reqwest::Url::parse(s).map_err(|e| format!("{e} (example: {example})"))?;
     match url.scheme() {
         "https" | "http" if url.has_host() => Ok(url),
         _ => Err("must be an https:// (or http://) URL".into()),
@@ -173,6 +180,12 @@ pub struct ServeArgs {
     /// Prefix of every Redis channel this cluster uses.
     #[arg(long, env = "PUSHGATE_REDIS_PREFIX", default_value = "pushgate")]
     pub redis_prefix: String,
+    /// Base URL at which the other nodes reach this node's `/healthz` (e.g.
+    /// `http://10.0.0.5:8080`), told to them in heartbeats. A node that loses Redis asks its
+    /// peers there whether they still reach it (see docs/operations.md, readiness). Default: the
+    /// listen address, when it is a specific IP.
+    #[arg(long, env = "PUSHGATE_ADVERTISE_URL", value_parser = http_url)]
+    pub advertise_url: Option<reqwest::Url>,
     /// This node's ID in the cluster (default: a new UUID at start).
     #[arg(long, env = "PUSHGATE_INSTANCE_ID", value_parser = instance_id)]
     pub instance_id: Option<String>,

@@ -42,6 +42,8 @@ pub enum HttpError {
     BadApiKey,
     Origin,
     Draining,
+    /// The node cannot reach the broker while other nodes can.
+    Isolated,
     Refused(Refusal),
     NotWebSocket(WebSocketUpgradeRejection),
     BadRequest {
@@ -77,6 +79,12 @@ impl IntoResponse for HttpError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
                 "node is draining; connect to another node".into(),
+                None,
+            ),
+            Self::Isolated => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "node cannot reach the other nodes; connect to another node".into(),
                 None,
             ),
             Self::Refused(Refusal::NodeFull) => (
@@ -118,7 +126,7 @@ impl IntoResponse for HttpError {
 pub fn router(node: Arc<Node>) -> Router {
     let mut router = Router::new()
         .route("/echo", get(echo))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/", get(chat_page))
@@ -257,6 +265,9 @@ async fn admit_handshake(
     if node.is_draining() {
         return Err(HttpError::Draining);
     }
+    if node.is_isolated() {
+        return Err(HttpError::Isolated);
+    }
     let token = bearer(headers)
         .or(query.token.as_deref())
         .unwrap_or_default();
@@ -355,21 +366,34 @@ async fn echo(
     )
 }
 
+/// Liveness: 200 while the process serves HTTP, with the broker's state (which other nodes
+/// read to tell an outage of Redis from a node cut off from it alone).
+async fn healthz(State(node): State<Arc<Node>>) -> Response {
+    Json(json!({
+        "status": "ok",
+        "node": &*node.instance,
+        "broker": {
+            "kind": node.broker.kind(),
+            "ready": node.broker.is_ready(),
+            "isolated": node.is_isolated(),
+        },
+    }))
+    .into_response()
+}
+
+/// Readiness: whether this node should get new clients (see [`Node::readiness`]).
 async fn readyz(State(node): State<Arc<Node>>) -> Response {
-    let (status, reason) = if node.is_draining() {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining")
-    } else if !node.broker.is_ready() {
-        (StatusCode::SERVICE_UNAVAILABLE, "broker unavailable")
-    } else if !node.verifier.is_ready() {
-        (StatusCode::SERVICE_UNAVAILABLE, "no JWKS keys loaded")
-    } else {
-        (StatusCode::OK, "ready")
+    let readiness = node.readiness();
+    let status = match readiness {
+        Ok(()) => StatusCode::OK,
+        Err(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
-    (
-        status,
-        Json(json!({ "ready": status == StatusCode::OK, "reason": reason })),
-    )
-        .into_response()
+    let body = json!({
+        "ready": readiness.is_ok(),
+        "reason": readiness.err().unwrap_or("ready"),
+        "broker_ready": node.broker.is_ready(),
+    });
+    (status, Json(body)).into_response()
 }
 
 async fn metrics(State(node): State<Arc<Node>>) -> Response {

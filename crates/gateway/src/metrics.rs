@@ -107,6 +107,7 @@ pub struct Metrics {
     pub drops: Drops,
     auth_failures: Family<Reason, Counter>,
     pub redis_up: Gauge,
+    pub broker_isolated: Gauge,
     pub redis_reconnects: Counter,
     pub redis_invalid: Counter,
     pub redis_probe_failures: Counter,
@@ -208,6 +209,12 @@ impl Metrics {
             "1 when the Redis subscription is live (or the broker is embedded)",
             redis_up.clone(),
         );
+        let broker_isolated = Gauge::default();
+        registry.register(
+            "broker_isolated",
+            "1 while this node cannot reach Redis and other nodes can (it is then not ready)",
+            broker_isolated.clone(),
+        );
         let redis_reconnects = Counter::default();
         registry.register(
             "redis_reconnects",
@@ -291,6 +298,7 @@ impl Metrics {
             drops,
             auth_failures,
             redis_up,
+            broker_isolated,
             redis_reconnects,
             redis_invalid,
             redis_probe_failures,

@@ -48,6 +48,15 @@ pub fn raise_open_file_limit(max_connections: usize) {
     }
 }
 
+/// The URL other nodes can reach a listener on: known when it listens on a specific IP.
+fn advertised(addr: SocketAddr, tls: bool) -> Option<reqwest::Url> {
+    if addr.ip().is_unspecified() {
+        return None;
+    }
+    let scheme = if tls { "https" } else { "http" };
+    reqwest::Url::parse(&format!("{scheme}://{addr}")).ok()
+}
+
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
@@ -61,7 +70,7 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 impl Server {
     /// Binds the listener and starts the node (and its broker).
-    pub async fn bind(config: ServeArgs) -> anyhow::Result<Self> {
+    pub async fn bind(mut config: ServeArgs) -> anyhow::Result<Self> {
         let verifier = Verifier::from_args(&config.jwt)?;
         let tls = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
@@ -69,6 +78,9 @@ impl Server {
         };
         let listener = listen(config.listen)
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        if config.advertise_url.is_none() {
+            config.advertise_url = advertised(listener.local_addr()?, tls.is_some());
+        }
         let node = Node::start(config, verifier)?;
         if let Some(jwks) = node.verifier.jwks() {
             // The first fetch, waited for within its timeout; then background refreshes.

@@ -26,7 +26,7 @@ async fn two_nodes_share_a_channel_through_redis() {
     let n1 = TestNode::start(&["--redis-url", &url, "--instance-id", "n1"]).await;
     let n2 = TestNode::start(&["--redis-url", &url, "--instance-id", "n2"]).await;
     pushgate_tests::eventually("both ready", || async {
-        n1.node.is_ready() && n2.node.is_ready()
+        n1.node.broker.is_ready() && n2.node.broker.is_ready()
     })
     .await;
     let t = token("bob", &["c"], &["c"]);

@@ -323,6 +323,9 @@ pub struct NodeStats {
     /// Whether the broker is connected and subscribed (always true when embedded).
     #[serde(default)]
     pub broker_ready: bool,
+    /// The base URL other nodes reach this node's `/healthz` at, when it is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
     /// Frames written into client queues since the node started: two samples make a rate.
     #[serde(default)]
     pub deliveries: u64,
@@ -553,6 +556,7 @@ mod tests {
                 uptime_secs: 60,
                 broker: "redis".into(),
                 broker_ready: true,
+                url: Some("http://10.0.0.5:8080".into()),
                 deliveries: 1234,
                 ts: 1_700_000_000_000,
                 top_channels: vec![ChannelCount {

@@ -154,11 +154,27 @@ pub enum Broker {
 }
 
 impl Broker {
+    /// `embedded` or `redis`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Embedded => "embedded",
+            Self::Redis(_) => "redis",
+        }
+    }
+
     /// Whether messages published now reach the other nodes.
     pub fn is_ready(&self) -> bool {
         match self {
             Self::Embedded => true,
             Self::Redis(r) => r.is_ready(),
+        }
+    }
+
+    /// Whether the broker has been ready at least once since the node started.
+    pub fn has_started(&self) -> bool {
+        match self {
+            Self::Embedded => true,
+            Self::Redis(r) => r.has_started(),
         }
     }
 

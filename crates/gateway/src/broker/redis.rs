@@ -93,6 +93,8 @@ pub struct RedisBroker {
     wanted: Mutex<HashMap<String, Entry>>,
     changed: Notify,
     ready: AtomicBool,
+    /// Has been ready at least once since the node started.
+    started: AtomicBool,
     probe_seen: AtomicU64,
     functions: bool,
     metrics: Arc<Metrics>,
@@ -140,6 +142,7 @@ impl RedisBroker {
             wanted: Mutex::default(),
             changed: Notify::new(),
             ready: AtomicBool::new(false),
+            started: AtomicBool::new(false),
             probe_seen: AtomicU64::new(0),
             functions: settings.functions,
             metrics,
@@ -158,6 +161,10 @@ impl RedisBroker {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn has_started(&self) -> bool {
+        self.started.load(Ordering::Acquire)
     }
 
     fn wanted(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
@@ -548,6 +555,7 @@ impl RedisBroker {
                 if first {
                     first = false;
                     self.ready.store(true, Ordering::Release);
+                    self.started.store(true, Ordering::Release);
                     self.metrics.redis_up.set(1);
                     info!("redis subscription ready");
                     if let Some(inbound) = inbound.upgrade() {

@@ -6,7 +6,6 @@ use pushgate_protocol::envelope::{ChannelCount, NodeStats};
 use serde::Serialize;
 
 use super::Node;
-use crate::broker::Broker;
 
 /// How many of its busiest channels a node reports in its heartbeat. Bounds the heartbeat's
 /// size (at most this many channel names) and the work of `/api/channels`.
@@ -32,13 +31,6 @@ pub struct ChannelsDoc {
 }
 
 impl Node {
-    pub(super) fn broker_kind(&self) -> &'static str {
-        match self.broker {
-            Broker::Embedded => "embedded",
-            Broker::Redis(_) => "redis",
-        }
-    }
-
     /// This node's busiest channels, for its heartbeat.
     pub(super) fn top_channels(&self) -> Vec<ChannelCount> {
         (self.hub.busiest_channels(TOP_CHANNELS).into_iter())
@@ -100,6 +92,7 @@ mod tests {
             uptime_secs: 0,
             broker: "redis".into(),
             broker_ready: true,
+            url: None,
             deliveries: 0,
             ts: 0,
             top_channels: (top.iter())

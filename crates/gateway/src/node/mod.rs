@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -29,6 +30,7 @@ use crate::metrics::Metrics;
 
 mod channels;
 mod history;
+mod isolation;
 mod presence;
 
 pub use channels::{ChannelsDoc, ClusterChannel, TOP_CHANNELS};
@@ -54,6 +56,8 @@ pub struct Node {
     /// Cancelled when a drain starts.
     draining: CancellationToken,
     peers: Mutex<HashMap<String, (Instant, NodeStats)>>,
+    /// Set while this node cannot reach the broker and other nodes can (see [`isolation`]).
+    isolated: AtomicBool,
     started: Instant,
     /// Stops the node's background tasks.
     pub shutdown: CancellationToken,
@@ -245,6 +249,7 @@ impl Node {
                 per_ip: Mutex::default(),
                 draining: CancellationToken::new(),
                 peers: Mutex::default(),
+                isolated: AtomicBool::new(false),
                 started: Instant::now(),
                 config,
                 instance,
@@ -262,6 +267,7 @@ impl Node {
         }
         if matches!(node.broker, Broker::Redis(_)) {
             tokio::spawn(node.clone().heartbeats());
+            tokio::spawn(node.clone().watch_isolation());
         }
         Ok(node)
     }
@@ -275,8 +281,23 @@ impl Node {
         self.draining.is_cancelled()
     }
 
-    pub fn is_ready(&self) -> bool {
-        !self.is_draining() && self.broker.is_ready() && self.verifier.is_ready()
+    /// Whether this node should get new clients; if not, why. Once the node has reached the
+    /// broker, the broker's state counts only when other nodes reach it and this one does not:
+    /// an outage shared by every node leaves each serving its own clients, and ready.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        if self.is_draining() {
+            Err("draining")
+        } else if !self.broker.has_started() {
+            Err("not yet connected to the broker")
+        } else if !self.verifier.is_ready() {
+            Err("no JWKS keys loaded")
+        } else if self.is_isolated() {
+            Err("other nodes reach the broker and this node does not")
+        } else if self.connections.available_permits() == 0 {
+            Err("at the connection limit")
+        } else {
+            Ok(())
+        }
     }
 
     /// Takes a connection slot, or says why not.
@@ -501,8 +522,9 @@ impl Node {
             channels: c.channels as u64,
             draining: self.is_draining(),
             uptime_secs: self.uptime().as_secs(),
-            broker: self.broker_kind().into(),
+            broker: self.broker.kind().into(),
             broker_ready: self.broker.is_ready(),
+            url: self.config.advertise_url.as_ref().map(|u| u.to_string()),
             deliveries: self.metrics.deliveries.get(),
             ts: unix_millis(),
             top_channels: self.top_channels(),
@@ -512,9 +534,10 @@ impl Node {
     /// This node and every other node heard from within three heartbeat intervals.
     pub fn cluster(&self) -> Vec<NodeStats> {
         let horizon = self.config.heartbeat_interval * 3;
-        let mut peers = lock(&self.peers);
-        peers.retain(|_, (seen, _)| seen.elapsed() < horizon);
-        let mut nodes: Vec<NodeStats> = peers.values().map(|(_, s)| s.clone()).collect();
+        let mut nodes: Vec<NodeStats> = (lock(&self.peers).values())
+            .filter(|(seen, _)| seen.elapsed() < horizon)
+            .map(|(_, s)| s.clone())
+            .collect();
         nodes.push(self.stats());
         nodes.sort_by(|a, b| a.node.cmp(&b.node));
         nodes
@@ -535,6 +558,10 @@ impl Node {
             if !self.broker.is_ready() {
                 continue;
             }
+            // Nodes gone for good; while the broker is down, the last ones heard are kept (see
+            // `watch_isolation`).
+            let horizon = self.config.heartbeat_interval * 3;
+            lock(&self.peers).retain(|_, (seen, _)| seen.elapsed() < horizon);
             let beat = ControlMessage::Heartbeat(self.stats()).encode();
             if let Err(e) = self.broker.publish(self.topics.control(), &beat).await {
                 debug!(error = %e, "heartbeat not sent");
@@ -690,7 +717,7 @@ impl Node {
         let nodes = self.cluster();
         StatsDoc {
             node: self.stats(),
-            broker: self.broker_kind(),
+            broker: self.broker.kind(),
             broker_ready: self.broker.is_ready(),
             uptime_secs: self.uptime().as_secs(),
             cluster: ClusterDoc {
