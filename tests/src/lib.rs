@@ -74,16 +74,27 @@ where
 pub struct RedisServer {
     port: u16,
     child: Option<Child>,
+    /// Arguments before the port: a configuration file (a sentinel's) or nothing.
+    config: Vec<String>,
+    /// Arguments after the defaults (e.g. `--replicaof`, `--sentinel`).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     pub fn start() -> Self {
+        Self::start_with(&[], &[])
+    }
+
+    /// A server started as `redis-server <config> --port P <defaults> <extra>`.
+    pub fn start_with(config: &[&str], extra: &[&str]) -> Self {
         // A port found free can be taken before the server binds it (tests run in parallel);
         // then the server exits and another port is tried.
         for _ in 0..10 {
             let mut server = Self {
                 port: free_port(),
                 child: None,
+                config: config.iter().map(|s| s.to_string()).collect(),
+                extra: extra.iter().map(|s| s.to_string()).collect(),
             };
             if server.try_launch() {
                 return server;
@@ -103,8 +114,10 @@ impl RedisServer {
     /// Starts the server on `self.port`; false if it exited (the port was taken).
     fn try_launch(&mut self) -> bool {
         let mut child = Command::new("redis-server")
+            .args(&self.config)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -202,14 +215,23 @@ impl RedisServer {
 
     /// Runs one command, e.g. `["CLIENT", "KILL", "TYPE", "pubsub"]`.
     pub async fn command(&self, args: &[&str]) -> redis::Value {
-        let mut c = self.connection().await;
+        (self.command_as(args).await).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    /// `args` as one command, its reply read as `T`; an error when the server cannot be
+    /// reached or refuses.
+    pub async fn command_as<T: redis::FromRedisValue>(
+        &self,
+        args: &[&str],
+    ) -> redis::RedisResult<T> {
+        let mut c = redis::Client::open(self.url())?
+            .get_multiplexed_async_connection()
+            .await?;
         let mut cmd = redis::cmd(args[0]);
         for a in &args[1..] {
             cmd.arg(*a);
         }
-        cmd.query_async(&mut c)
-            .await
-            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+        cmd.query_async(&mut c).await
     }
 
     /// `FCALL pushgate_publish`, as a backend publishes into a history channel of the default
@@ -1138,6 +1160,126 @@ pub fn tool(name: &str, required_in_ci: bool) -> Option<PathBuf> {
         eprintln!("{name} not found: skipping this check");
     }
     found
+}
+
+/// A Redis Sentinel setup: a primary, one replica, and three sentinels that monitor the primary
+/// as [`SentinelSet::MASTER`] (quorum 2, down after 1 s).
+pub struct SentinelSet {
+    /// Started first as the primary; after a failover, a replica again (or dead).
+    pub servers: Vec<RedisServer>,
+    pub sentinels: Vec<RedisServer>,
+    _configs: Scratch,
+}
+
+impl SentinelSet {
+    pub const MASTER: &str = "pushgate-main";
+
+    /// Starts the servers and sentinels; returns once the replica is in sync and every sentinel
+    /// knows it.
+    pub async fn start() -> Self {
+        let primary = RedisServer::start();
+        let replica = RedisServer::start_with(
+            &[],
+            &["--replicaof", "127.0.0.1", &primary.port.to_string()],
+        );
+        let configs = Scratch::new("sentinel");
+        let sentinels = (0..3)
+            .map(|i| {
+                // A sentinel rewrites its configuration file: each gets its own.
+                let file = configs.path(&format!("sentinel-{i}.conf"));
+                let config = format!(
+                    "sentinel monitor {master} 127.0.0.1 {port} 2\n\
+                     sentinel down-after-milliseconds {master} 1000\n\
+                     sentinel failover-timeout {master} 5000\n\
+                     sentinel parallel-syncs {master} 1\n",
+                    master = Self::MASTER,
+                    port = primary.port,
+                );
+                std::fs::write(&file, config).expect("writing a sentinel configuration");
+                RedisServer::start_with(&[&file], &["--sentinel"])
+            })
+            .collect();
+        let set = Self {
+            servers: vec![primary, replica],
+            sentinels,
+            _configs: configs,
+        };
+        eventually(
+            "the replica in sync and known to every sentinel",
+            || async {
+                let info: String = set.servers[1]
+                    .command_as(&["INFO", "replication"])
+                    .await
+                    .unwrap_or_default();
+                if !info.contains("master_link_status:up") {
+                    return false;
+                }
+                for sentinel in &set.sentinels {
+                    let replicas: Vec<redis::Value> = sentinel
+                        .command_as(&["SENTINEL", "REPLICAS", Self::MASTER])
+                        .await
+                        .unwrap_or_default();
+                    if replicas.is_empty() {
+                        return false;
+                    }
+                }
+                true
+            },
+        )
+        .await;
+        set
+    }
+
+    /// The sentinels' URLs, comma-separated, for `--redis-sentinel`.
+    pub fn urls(&self) -> String {
+        let urls: Vec<String> = self.sentinels.iter().map(RedisServer::url).collect();
+        urls.join(",")
+    }
+
+    /// The port of the primary, as the first sentinel names it now.
+    pub async fn primary_port(&self) -> u16 {
+        let (_, port): (String, String) = self.sentinels[0]
+            .command_as(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", Self::MASTER])
+            .await
+            .expect("SENTINEL GET-MASTER-ADDR-BY-NAME");
+        port.parse().expect("a port")
+    }
+
+    /// The server that is the primary now.
+    pub async fn primary(&mut self) -> &mut RedisServer {
+        let port = self.primary_port().await;
+        (self.servers.iter_mut())
+            .find(|s| s.port == port)
+            .expect("the primary is one of the set's servers")
+    }
+
+    /// Waits until every sentinel names a primary other than the one on `old_port`, and that
+    /// server says it is a primary; returns its port.
+    pub async fn wait_failover(&self, old_port: u16) -> u16 {
+        eventually("the sentinels promote a new primary", || async {
+            for sentinel in &self.sentinels {
+                let addr: Option<(String, String)> = sentinel
+                    .command_as(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", Self::MASTER])
+                    .await
+                    .ok();
+                if addr.is_none_or(|(_, port)| port == old_port.to_string()) {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        let port = self.primary_port().await;
+        let server = (self.servers.iter())
+            .find(|s| s.port == port)
+            .expect("the new primary is one of the set's servers");
+        eventually("the new primary takes writes", || async {
+            let role: Vec<redis::Value> = server.command_as(&["ROLE"]).await.unwrap_or_default();
+            matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master")
+        })
+        .await;
+        port
+    }
 }
 
 /// A directory of our own under the system's temporary directory, removed on drop.

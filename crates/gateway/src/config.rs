@@ -174,9 +174,33 @@ pub struct ServeArgs {
     /// PEM file with the private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
     #[arg(long, env = "PUSHGATE_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Redis URL (redis://host:port/db). Unset: embedded broker, single node.
-    #[arg(long, env = "PUSHGATE_REDIS_URL", hide_env_values = true)]
+    /// Redis URL (redis://host:port/db). Unset, and no --redis-sentinel: embedded broker, single
+    /// node.
+    #[arg(
+        long,
+        env = "PUSHGATE_REDIS_URL",
+        hide_env_values = true,
+        conflicts_with = "redis_sentinel"
+    )]
     pub redis_url: Option<Secret>,
+    /// Redis Sentinel URLs, comma-separated (redis://10.0.0.1:26379,redis://10.0.0.2:26379):
+    /// the node finds the primary of --redis-sentinel-master through them and follows its
+    /// failovers. A database number or password in the first URL applies to the primary.
+    #[arg(
+        long,
+        env = "PUSHGATE_REDIS_SENTINEL",
+        hide_env_values = true,
+        value_delimiter = ',',
+        requires = "redis_sentinel_master"
+    )]
+    pub redis_sentinel: Vec<Secret>,
+    /// The name the sentinels monitor the primary under (`sentinel monitor <name> ...`).
+    #[arg(
+        long,
+        env = "PUSHGATE_REDIS_SENTINEL_MASTER",
+        requires = "redis_sentinel"
+    )]
+    pub redis_sentinel_master: Option<String>,
     /// Prefix of every Redis channel this cluster uses.
     #[arg(long, env = "PUSHGATE_REDIS_PREFIX", default_value = "pushgate")]
     pub redis_prefix: String,
@@ -414,6 +438,30 @@ mod tests {
         assert_eq!(args.ping_interval, Duration::from_secs(25));
         assert_eq!(args.drain_period, Duration::from_secs(10));
         assert!(args.allowed_origins.is_empty());
+    }
+
+    #[test]
+    fn one_broker_mode_at_most() {
+        let sentinel = [
+            "--redis-sentinel",
+            "redis://10.0.0.1:26379,redis://10.0.0.2:26379",
+            "--redis-sentinel-master",
+            "main",
+        ];
+        let args = ServeArgs::parse_from(sentinel).unwrap();
+        assert_eq!(args.redis_sentinel.len(), 2);
+        assert_eq!(args.redis_sentinel_master.as_deref(), Some("main"));
+        let both = [&sentinel[..], &["--redis-url", "redis://10.0.0.3/"]].concat();
+        let e = ServeArgs::parse_from(both).unwrap_err().to_string();
+        assert!(e.contains("cannot be used with"), "{e}");
+        let e = ServeArgs::parse_from(&sentinel[..2])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--redis-sentinel-master"), "{e}");
+        let e = ServeArgs::parse_from(&sentinel[2..])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--redis-sentinel"), "{e}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! (History channels are the exception with Redis: there every node, the publishing one
 //! included, delivers what comes back from Redis, so that subscribers see offset order.)
 
+mod endpoint;
 mod publisher;
 mod redis;
 
@@ -15,6 +16,7 @@ use std::task::{Context, Poll};
 
 use thiserror::Error;
 
+pub use self::endpoint::Endpoint;
 pub use self::publisher::Reply;
 pub use self::redis::{
     HistoryEntries, PresenceItem, PresenceKeys, RedisBroker, RedisSettings, parse_position,

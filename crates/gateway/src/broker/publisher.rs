@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::BrokerError;
+use super::endpoint::{Endpoint, is_readonly};
 use crate::metrics::Metrics;
 
 /// Most commands in one pipeline.
@@ -52,7 +53,7 @@ pub struct Publisher {
 
 /// What every lane needs.
 struct Lane {
-    client: redis::Client,
+    endpoint: Arc<Endpoint>,
     timeout: Duration,
     /// The `pushgate` function library, loaded again when Redis has lost it.
     library: Option<&'static str>,
@@ -63,7 +64,7 @@ struct Lane {
 impl Publisher {
     /// Starts `lanes` lane tasks with queues of `depth` commands each; they end at `shutdown`.
     pub fn start(
-        client: redis::Client,
+        endpoint: Arc<Endpoint>,
         lanes: usize,
         depth: usize,
         timeout: Duration,
@@ -73,7 +74,7 @@ impl Publisher {
     ) -> Self {
         let generation = Arc::new(AtomicU64::new(0));
         let lane = Arc::new(Lane {
-            client,
+            endpoint,
             timeout,
             library,
             metrics,
@@ -189,7 +190,7 @@ impl Lane {
             Some(c) => c,
             None => conn.insert((
                 generation,
-                self.client
+                (self.endpoint.client().await?)
                     .get_multiplexed_async_connection_with_config(
                         &redis::AsyncConnectionConfig::new()
                             .set_connection_timeout(Some(self.timeout))
@@ -208,6 +209,16 @@ impl Lane {
         let mut values: Vec<Value> = pipe.query_async(conn).await.map_err(redis_error)?;
         if values.len() != jobs.len() {
             return Err(BrokerError::Redis("pipeline reply count mismatch".into()));
+        }
+        if values
+            .iter()
+            .any(|v| matches!(v, Value::ServerError(e) if is_readonly(e)))
+        {
+            // A replica now (a failover demoted this server): the batch fails, and the next
+            // one connects to the primary the endpoint names then.
+            return Err(BrokerError::Redis(
+                "READONLY: connected to a replica".into(),
+            ));
         }
         let missing: Vec<usize> = (values.iter().enumerate())
             .filter(|(_, v)| is_missing_function(v))

@@ -1,5 +1,6 @@
-//! Redis Pub/Sub: one pooled set of connections for PUBLISH, one dedicated connection for
-//! SUBSCRIBE.
+//! Redis Pub/Sub: a few ordered publishing lanes for every command (see [`super::publisher`]),
+//! one dedicated connection for SUBSCRIBE; both find Redis through an [`Endpoint`] (one address,
+//! or the primary Redis Sentinel names).
 //!
 //! Subscriptions are reconciled, not commanded: sessions take and drop holds on topics
 //! (reference counts), and one task brings the Redis connection's subscriptions in line with
@@ -19,7 +20,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 use futures_util::StreamExt;
 use pushgate_protocol::NodeMessage;
 use redis::aio::PubSubSink;
@@ -27,7 +27,8 @@ use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::publisher::{Publisher, Reply, load_library};
+use super::endpoint::Endpoint;
+use super::publisher::{Publisher, Reply};
 use super::{BrokerError, Inbound, Topics};
 use crate::metrics::Metrics;
 
@@ -63,7 +64,7 @@ pub struct PresenceKeys {
 pub type PresenceItem = (String, String, String);
 
 pub struct RedisSettings {
-    pub url: String,
+    pub endpoint: Endpoint,
     pub topics: Topics,
     pub node_id: String,
     /// Bound on every Redis command and subscription wait.
@@ -84,9 +85,10 @@ struct Entry {
 }
 
 pub struct RedisBroker {
-    client: redis::Client,
-    pool: Pool,
+    endpoint: Arc<Endpoint>,
     publisher: Publisher,
+    /// Spreads commands without an order of their own over the lanes.
+    next_lane: AtomicU64,
     node_topic: String,
     timeout: Duration,
     probe_interval: Duration,
@@ -108,23 +110,9 @@ impl RedisBroker {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, BrokerError> {
-        let client = redis::Client::open(settings.url.as_str())
-            .map_err(|e| BrokerError::Redis(format!("invalid URL: {e}")))?;
-        let mut config = deadpool_redis::Config::from_url(settings.url.as_str());
-        config.pool = Some(PoolConfig {
-            max_size: 32,
-            timeouts: Timeouts {
-                wait: Some(settings.timeout),
-                create: Some(settings.timeout),
-                recycle: Some(settings.timeout),
-            },
-            ..PoolConfig::default()
-        });
-        let pool = config
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(|e| BrokerError::Redis(e.to_string()))?;
+        let endpoint = Arc::new(settings.endpoint);
         let publisher = Publisher::start(
-            client.clone(),
+            endpoint.clone(),
             PUBLISH_LANES,
             settings.publish_queue,
             settings.timeout,
@@ -133,9 +121,9 @@ impl RedisBroker {
             shutdown.clone(),
         );
         let broker = Arc::new(Self {
-            client,
-            pool,
+            endpoint,
             publisher,
+            next_lane: AtomicU64::new(0),
             node_topic: settings.topics.node(&settings.node_id),
             timeout: settings.timeout,
             probe_interval: settings.probe_interval,
@@ -231,66 +219,43 @@ impl RedisBroker {
         self.publisher.send(key, cmd).await
     }
 
-    async fn connection(&self) -> Result<deadpool_redis::Connection, BrokerError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| BrokerError::Redis(e.to_string()))
-    }
-
     /// `FUNCTION LOAD REPLACE` of the `pushgate` library.
     pub async fn load_functions(&self) -> Result<(), BrokerError> {
-        let load = async { load_library(&mut self.connection().await?, LIBRARY).await };
-        match tokio::time::timeout(self.timeout, load).await {
-            Ok(r) => r,
-            Err(_) => Err(BrokerError::Timeout),
-        }
+        let mut cmd = redis::cmd("FUNCTION");
+        cmd.arg("LOAD").arg("REPLACE").arg(LIBRARY);
+        self.fcall::<redis::Value>(cmd).await.map(drop)
     }
 
-    /// Runs `cmd` (an `FCALL`) within the timeout; if Redis no longer knows the function (a
-    /// restarted or flushed Redis), loads the library and tries once more.
-    async fn fcall<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, BrokerError> {
-        let run = async {
-            let mut conn = self.connection().await?;
-            match cmd.query_async::<T>(&mut conn).await {
-                Err(e) if is_missing_function(&e) => {
-                    drop(conn);
-                    self.load_functions().await?;
-                    let mut conn = self.connection().await?;
-                    cmd.query_async::<T>(&mut conn).await
-                }
-                other => other,
-            }
-            .map_err(|e| BrokerError::Redis(e.to_string()))
-        };
-        match tokio::time::timeout(self.timeout, run).await {
-            Ok(r) => r,
-            Err(_) => Err(BrokerError::Timeout),
-        }
+    /// Runs `cmd` on a lane within the timeout. A lane that finds Redis without the function
+    /// library (restarted or flushed) loads it and runs the command again.
+    async fn fcall<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, BrokerError> {
+        let mut values = self.fcall_pipeline_values(vec![cmd]).await?;
+        let value = values.pop().unwrap_or(redis::Value::Nil);
+        redis::from_redis_value(value).map_err(|e| BrokerError::Redis(e.to_string()))
     }
 
-    /// Like [`fcall`](Self::fcall), for a pipeline of calls whose replies do not matter.
-    async fn fcall_pipeline(&self, pipe: &redis::Pipeline) -> Result<(), BrokerError> {
-        self.fcall_pipeline_values(pipe).await.map(drop)
+    /// Like [`fcall`](Self::fcall), for commands whose replies do not matter.
+    async fn fcall_pipeline(&self, cmds: Vec<redis::Cmd>) -> Result<(), BrokerError> {
+        self.fcall_pipeline_values(cmds).await.map(drop)
     }
 
-    /// Like [`fcall`](Self::fcall), for a pipeline of calls: one reply each.
+    /// Like [`fcall`](Self::fcall), for several commands: queued together on one lane, one
+    /// reply each; the first error fails them all.
     async fn fcall_pipeline_values(
         &self,
-        pipe: &redis::Pipeline,
+        cmds: Vec<redis::Cmd>,
     ) -> Result<Vec<redis::Value>, BrokerError> {
+        let lane = self.next_lane.fetch_add(1, Ordering::Relaxed);
         let run = async {
-            let mut conn = self.connection().await?;
-            match pipe.query_async::<Vec<redis::Value>>(&mut conn).await {
-                Err(e) if is_missing_function(&e) => {
-                    drop(conn);
-                    self.load_functions().await?;
-                    let mut conn = self.connection().await?;
-                    pipe.query_async::<Vec<redis::Value>>(&mut conn).await
-                }
-                other => other,
+            let mut replies = Vec::with_capacity(cmds.len());
+            for cmd in cmds {
+                replies.push(self.publisher.send(lane, cmd).await);
             }
-            .map_err(|e| BrokerError::Redis(e.to_string()))
+            let mut values = Vec::with_capacity(replies.len());
+            for reply in replies {
+                values.push(reply.await?);
+            }
+            Ok(values)
         };
         match tokio::time::timeout(self.timeout, run).await {
             Ok(r) => r,
@@ -342,7 +307,7 @@ impl RedisBroker {
             .arg(after)
             .arg(limit)
             .arg(ttl_ms);
-        let value = self.fcall::<redis::Value>(&cmd).await?;
+        let value = self.fcall::<redis::Value>(cmd).await?;
         parse_history(value)
             .ok_or_else(|| BrokerError::Redis("unexpected pushgate_history reply".into()))
     }
@@ -390,17 +355,16 @@ impl RedisBroker {
         cmd
     }
 
-    /// `pushgate_presence_join` of several channels' entries, pipelined (outside the lanes).
+    /// `pushgate_presence_join` of several channels' entries, pipelined.
     pub async fn presence_join_groups(
         &self,
         groups: &[(PresenceKeys, Vec<PresenceItem>)],
         ttl_ms: u64,
     ) -> Result<(), BrokerError> {
-        let mut pipe = redis::pipe();
-        for (keys, items) in groups {
-            pipe.add_command(Self::presence_join_cmd(keys, ttl_ms, items));
-        }
-        self.fcall_pipeline(&pipe).await
+        let cmds = (groups.iter())
+            .map(|(keys, items)| Self::presence_join_cmd(keys, ttl_ms, items))
+            .collect();
+        self.fcall_pipeline(cmds).await
     }
 
     /// `pushgate_presence_refresh` of `(keys, sessions)` groups, pipelined: extends the entries;
@@ -410,18 +374,20 @@ impl RedisBroker {
         groups: &[(PresenceKeys, Vec<String>)],
         ttl_ms: u64,
     ) -> Result<Vec<Vec<String>>, BrokerError> {
-        let mut pipe = redis::pipe();
-        for (keys, sessions) in groups {
-            pipe.cmd("FCALL")
-                .arg("pushgate_presence_refresh")
-                .arg(3)
-                .arg(&keys.hash)
-                .arg(&keys.zset)
-                .arg(&keys.users)
-                .arg(ttl_ms)
-                .arg(sessions);
-        }
-        let values = self.fcall_pipeline_values(&pipe).await?;
+        let cmds = (groups.iter())
+            .map(|(keys, sessions)| {
+                let mut cmd = redis::cmd("FCALL");
+                cmd.arg("pushgate_presence_refresh")
+                    .arg(3)
+                    .arg(&keys.hash)
+                    .arg(&keys.zset)
+                    .arg(&keys.users)
+                    .arg(ttl_ms)
+                    .arg(sessions);
+                cmd
+            })
+            .collect();
+        let values = self.fcall_pipeline_values(cmds).await?;
         values
             .into_iter()
             .map(|v| {
@@ -438,18 +404,20 @@ impl RedisBroker {
         channels: &[PresenceKeys],
         limit: u64,
     ) -> Result<u64, BrokerError> {
-        let mut pipe = redis::pipe();
-        for keys in channels {
-            pipe.cmd("FCALL")
-                .arg("pushgate_presence_expire")
-                .arg(3)
-                .arg(&keys.hash)
-                .arg(&keys.zset)
-                .arg(&keys.users)
-                .arg(&keys.topic)
-                .arg(limit);
-        }
-        let values = self.fcall_pipeline_values(&pipe).await?;
+        let cmds = (channels.iter())
+            .map(|keys| {
+                let mut cmd = redis::cmd("FCALL");
+                cmd.arg("pushgate_presence_expire")
+                    .arg(3)
+                    .arg(&keys.hash)
+                    .arg(&keys.zset)
+                    .arg(&keys.users)
+                    .arg(&keys.topic)
+                    .arg(limit);
+                cmd
+            })
+            .collect();
+        let values = self.fcall_pipeline_values(cmds).await?;
         Ok(values
             .iter()
             .map(|v| redis::from_redis_value::<u64>(v.clone()).unwrap_or(0))
@@ -466,7 +434,7 @@ impl RedisBroker {
             .arg(&keys.zset)
             .arg(&keys.users)
             .arg(&keys.topic);
-        self.fcall::<Vec<Vec<u8>>>(&cmd).await
+        self.fcall::<Vec<Vec<u8>>>(cmd).await
     }
 
     /// Connects, serves one connection until it fails, and again, until shutdown.
@@ -474,10 +442,16 @@ impl RedisBroker {
         let mut backoff = BACKOFF_MIN;
         let mut connected_before = false;
         loop {
-            let connect = tokio::time::timeout(self.timeout, self.client.get_async_pubsub());
+            let connect = async {
+                let client = self.endpoint.client().await?;
+                client
+                    .get_async_pubsub()
+                    .await
+                    .map_err(|e| BrokerError::Redis(e.to_string()))
+            };
             let pubsub = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = connect => r,
+                r = tokio::time::timeout(self.timeout, connect) => r,
             };
             match pubsub {
                 Ok(Ok(pubsub)) => {
@@ -691,10 +665,6 @@ impl RedisBroker {
 pub fn parse_position(value: redis::Value) -> Result<(u64, String), BrokerError> {
     redis::from_redis_value(value)
         .map_err(|e| BrokerError::Redis(format!("unexpected pushgate_publish reply: {e}")))
-}
-
-fn is_missing_function(e: &redis::RedisError) -> bool {
-    e.to_string().contains("Function not found")
 }
 
 fn parse_history(value: redis::Value) -> Option<HistoryEntries> {

@@ -20,10 +20,10 @@ use uuid::Uuid;
 
 use crate::auth::Verifier;
 use crate::broker::{
-    Broker, BrokerError, Inbound, RedisBroker, RedisSettings, Reply, Sent, Topic, Topics, lane_key,
-    parse_position,
+    Broker, BrokerError, Endpoint, Inbound, RedisBroker, RedisSettings, Reply, Sent, Topic, Topics,
+    lane_key, parse_position,
 };
-use crate::config::ServeArgs;
+use crate::config::{Secret, ServeArgs};
 use crate::history::{MemoryHistory, Policy};
 use crate::hub::{Frame, Hub};
 use crate::metrics::Metrics;
@@ -214,20 +214,32 @@ impl Node {
             .with_presence_events(&config.presence_events);
         let mut broker_error = None;
         let node = Arc::new_cyclic(|me: &Weak<Node>| {
-            let broker = match &config.redis_url {
+            let endpoint = match (&config.redis_url, &config.redis_sentinel[..]) {
+                (None, []) => None,
+                (Some(url), _) => Some(Endpoint::single(url.expose())),
+                (None, sentinels) => {
+                    let urls: Vec<&str> = sentinels.iter().map(Secret::expose).collect();
+                    let master = config.redis_sentinel_master.as_deref().unwrap_or_default();
+                    Some(Endpoint::sentinel(&urls, master))
+                }
+            };
+            let broker = match endpoint {
                 None => Broker::Embedded,
-                Some(url) => {
-                    let settings = RedisSettings {
-                        url: url.expose().to_owned(),
+                Some(endpoint) => {
+                    let settings = endpoint.map(|endpoint| RedisSettings {
+                        endpoint,
                         topics: topics.clone(),
                         node_id: instance.to_string(),
                         timeout: config.redis_timeout,
                         probe_interval: config.redis_probe_interval,
                         functions: policy.needs_functions(),
                         publish_queue: config.publish_queue as usize,
-                    };
+                    });
                     let inbound: Weak<dyn Inbound> = me.clone();
-                    match RedisBroker::start(settings, inbound, metrics.clone(), shutdown.clone()) {
+                    let started = settings.and_then(|settings| {
+                        RedisBroker::start(settings, inbound, metrics.clone(), shutdown.clone())
+                    });
+                    match started {
                         Ok(r) => Broker::Redis(r),
                         Err(e) => {
                             broker_error = Some(e);

@@ -1,0 +1,121 @@
+//! Nodes on Redis Sentinel: they find the primary through the sentinels, share channels as on
+//! one Redis, and follow a failover to the promoted replica by themselves.
+
+use std::time::{Duration, Instant};
+
+use pushgate_protocol::server::ServerFrame;
+use pushgate_tests::{Client, NodeProcess, SentinelSet, api, eventually, metric, token};
+use serde_json::{Value, json};
+
+const GRANTS: &[&str] = &["room:*", "chat:*"];
+
+async fn connect(node: &NodeProcess, user: &str) -> Client {
+    let client = Client::connect(&node.ws_url(), &token(user, GRANTS, GRANTS))
+        .await
+        .unwrap_or_else(|r| panic!("{user} refused by {}: {r:?}", node.id));
+    assert_eq!(client.node, node.id);
+    client
+}
+
+/// Reads deliveries until `last`; returns them (with `last`) in order.
+async fn data_until(client: &mut Client, last: &Value) -> Vec<Value> {
+    let mut got = Vec::new();
+    while got.last() != Some(last) {
+        got.push(client.message().await.data);
+    }
+    got
+}
+
+#[tokio::test]
+async fn nodes_find_the_primary_through_the_sentinels_and_follow_a_failover() {
+    let mut set = SentinelSet::start().await;
+    let urls = set.urls();
+    let flags = [
+        "--redis-sentinel",
+        urls.as_str(),
+        "--redis-sentinel-master",
+        SentinelSet::MASTER,
+        "--redis-probe-interval",
+        "300ms",
+        "--redis-timeout",
+        "1s",
+        "--history",
+        "chat:*=100/10m",
+    ];
+    let mut nodes = Vec::new();
+    for id in ["n1", "n2", "n3"] {
+        nodes.push(NodeProcess::spawn(id, None, &flags).await);
+    }
+    for node in &nodes {
+        node.wait_ready(200).await;
+        node.wait_broker(true).await;
+    }
+    let mut subscribers = Vec::new();
+    for node in &nodes {
+        let mut s = connect(node, "sub").await;
+        s.subscribe("room:s").await;
+        subscribers.push(s);
+    }
+    let mut publisher = connect(&nodes[0], "pub").await;
+
+    // A client's publish, and a backend's PUBLISH on the primary, reach every node.
+    let reply = publisher.publish("room:s", json!("from-a-client")).await;
+    assert!(matches!(reply, ServerFrame::Ack { .. }), "{reply:?}");
+    let primary_port = set.primary_port().await;
+    set.primary()
+        .await
+        .publish("pushgate:ch:room:s", r#"{"data":"from-a-backend"}"#)
+        .await;
+    for s in &mut subscribers {
+        let got = data_until(s, &json!("from-a-backend")).await;
+        assert_eq!(got, [json!("from-a-client"), json!("from-a-backend")]);
+    }
+    // History goes through the function library on the primary.
+    let reply = publisher.publish("chat:1", json!("kept")).await;
+    assert!(matches!(reply, ServerFrame::Ack { .. }), "{reply:?}");
+
+    // The primary dies; the sentinels promote the replica.
+    set.primary().await.stop();
+    let new_port = set.wait_failover(primary_port).await;
+    let promoted = Instant::now();
+    assert_ne!(new_port, primary_port);
+    for node in &nodes {
+        node.wait_broker(true).await;
+    }
+    // Publishing works again, through every node's lanes, within 5 s of the new primary.
+    for (i, node) in nodes.iter().enumerate() {
+        eventually(&format!("an API publish on {}", node.id), || async {
+            let body = json!({"channel": "room:s", "data": format!("probe-{i}")});
+            api(&node.base(), "/api/publish", &body).await.0 == 200
+        })
+        .await;
+    }
+    let resumed = promoted.elapsed();
+    println!("sentinel failover: publishing resumed {resumed:?} after the promotion");
+    assert!(resumed < Duration::from_secs(5), "{resumed:?}");
+
+    let reply = publisher.publish("room:s", json!("after")).await;
+    assert!(matches!(reply, ServerFrame::Ack { .. }), "{reply:?}");
+    let reply = publisher.publish("chat:1", json!("kept-after")).await;
+    assert!(matches!(reply, ServerFrame::Ack { .. }), "{reply:?}");
+    for s in &mut subscribers {
+        let got = data_until(s, &json!("after")).await;
+        let after = got.iter().filter(|d| **d == json!("after")).count();
+        assert_eq!(after, 1, "{got:?}");
+        assert!(
+            got.iter().all(
+                |d| *d == json!("after") || d.as_str().is_some_and(|p| p.starts_with("probe-"))
+            ),
+            "{got:?}"
+        );
+    }
+    for node in &nodes {
+        let reconnects = metric(&node.base(), "pushgate_redis_reconnects_total").await;
+        assert!(
+            reconnects >= 2.0,
+            "{} reconnected {reconnects} times",
+            node.id
+        );
+        assert_eq!(node.readyz().await, 200);
+    }
+}
