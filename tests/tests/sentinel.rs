@@ -57,6 +57,8 @@ async fn nodes_find_the_primary_through_the_sentinels_and_follow_a_failover() {
         subscribers.push(s);
     }
     let mut publisher = connect(&nodes[0], "pub").await;
+    let mut reader = connect(&nodes[1], "reader").await;
+    reader.subscribe("chat:1").await;
 
     // A client's publish, and a backend's PUBLISH on the primary, reach every node.
     let reply = publisher.publish("room:s", json!("from-a-client")).await;
@@ -73,6 +75,8 @@ async fn nodes_find_the_primary_through_the_sentinels_and_follow_a_failover() {
     // History goes through the function library on the primary.
     let reply = publisher.publish("chat:1", json!("kept")).await;
     assert!(matches!(reply, ServerFrame::Ack { .. }), "{reply:?}");
+    let kept = reader.message().await;
+    let before = kept.position().expect("a history position");
 
     // The primary dies; the sentinels promote the replica.
     set.primary().await.stop();
@@ -96,8 +100,30 @@ async fn nodes_find_the_primary_through_the_sentinels_and_follow_a_failover() {
 
     let reply = publisher.publish("room:s", json!("after")).await;
     assert!(matches!(reply, ServerFrame::Ack { .. }), "{reply:?}");
+    // The promoted replica may lack the last offsets its primary handed out (replication is
+    // asynchronous): the channel moves to a new epoch rather than give an offset again, and a
+    // subscriber that may have missed messages is told so.
+    match reader.frame().await {
+        ServerFrame::Unsubscribed { channel, code, .. } => {
+            assert_eq!(channel, "chat:1");
+            assert_eq!(code.as_deref(), Some("history_lost"));
+        }
+        other => panic!("expected history_lost, got {other:?}"),
+    }
+    let subscribed = reader.subscribe_since("chat:1", Some(&before)).await;
+    assert_eq!(subscribed.recovered, Some(false), "{subscribed:?}");
+    let position = subscribed.position.expect("a history position");
+    assert_ne!(
+        position.epoch, before.epoch,
+        "{position:?} after {before:?}"
+    );
     let reply = publisher.publish("chat:1", json!("kept-after")).await;
     assert!(matches!(reply, ServerFrame::Ack { .. }), "{reply:?}");
+    let after = reader.message().await;
+    assert_eq!(after.data, json!("kept-after"));
+    let after = after.position().expect("a history position");
+    assert_eq!(after.epoch, position.epoch);
+    assert_eq!(after.offset, position.offset + 1);
     for s in &mut subscribers {
         let got = data_until(s, &json!("after")).await;
         let after = got.iter().filter(|d| **d == json!("after")).count();

@@ -16,15 +16,29 @@ local function int(n)
   return string.format('%d', n)
 end
 
+-- The run ID of this Redis process: a new one at every start, so a promoted replica's differs
+-- from its old primary's. Read once per process (INFO costs more than a publish) and kept with
+-- the loaded library, which every process loads for itself.
+local this_run_id
+local function run_id()
+  if not this_run_id then
+    this_run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+  end
+  return this_run_id
+end
+
 -- The channel's epoch; a new one (and an empty stream, so that offsets restart) when the meta
--- hash is missing: never created, expired, or deleted.
+-- hash is missing (never created, expired, or deleted), or was written by another Redis process.
+-- Replication and AOF fsync are asynchronous: a promoted replica, or a Redis restarted from an
+-- AOF, may lack the last offsets handed out, and must not hand them out again in the same epoch.
 local function ensure_epoch(stream, meta, ttl)
-  local epoch = redis.call('HGET', meta, 'epoch')
-  if not epoch then
+  local epoch, server = unpack(redis.call('HMGET', meta, 'epoch', 'server'))
+  local me = run_id()
+  if not epoch or server ~= me then
     local t = redis.call('TIME')
-    epoch = string.sub(redis.sha1hex(meta .. ':' .. t[1] .. ':' .. t[2]), 1, 16)
+    epoch = string.sub(redis.sha1hex(meta .. ':' .. me .. ':' .. t[1] .. ':' .. t[2]), 1, 16)
     redis.call('DEL', stream)
-    redis.call('HSET', meta, 'epoch', epoch, 'offset', 0)
+    redis.call('HSET', meta, 'epoch', epoch, 'offset', 0, 'server', me)
     redis.call('PEXPIRE', meta, ttl)
   end
   return epoch
