@@ -1,10 +1,14 @@
-//! Nodes on Redis Sentinel: they find the primary through the sentinels, share channels as on
-//! one Redis, and follow a failover to the promoted replica by themselves.
+//! Nodes on replicated Redis. On Redis Sentinel they find the primary through the sentinels,
+//! share channels as on one Redis, and follow a failover to the promoted replica by themselves;
+//! with `--history-min-replicas` a history publish is acknowledged only once replicas have it.
 
 use std::time::{Duration, Instant};
 
+use pushgate_protocol::ErrorCode;
 use pushgate_protocol::server::ServerFrame;
-use pushgate_tests::{Client, NodeProcess, SentinelSet, api, eventually, metric, token};
+use pushgate_tests::{
+    Client, NodeProcess, RedisServer, SentinelSet, api, eventually, metric, token,
+};
 use serde_json::{Value, json};
 
 const GRANTS: &[&str] = &["room:*", "chat:*"];
@@ -144,4 +148,69 @@ async fn nodes_find_the_primary_through_the_sentinels_and_follow_a_failover() {
         );
         assert_eq!(node.readyz().await, 200);
     }
+}
+
+#[tokio::test]
+async fn history_publishes_wait_for_the_replicas_asked_for() {
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_with(
+        &[],
+        &["--replicaof", "127.0.0.1", &primary.port().to_string()],
+    );
+    eventually("the replica in sync", || async {
+        let info: String = (replica.command_as(&["INFO", "replication"]).await).unwrap_or_default();
+        info.contains("master_link_status:up")
+    })
+    .await;
+    let flags = [
+        "--history",
+        "chat:*=100/10m",
+        "--history-min-replicas",
+        "1",
+        "--redis-timeout",
+        "1s",
+    ];
+    let node = NodeProcess::spawn("n1", Some(&primary.url()), &flags).await;
+    node.wait_ready(200).await;
+    let mut publisher = connect(&node, "pub").await;
+    let mut reader = connect(&node, "reader").await;
+    reader.subscribe("chat:1").await;
+
+    let reply = publisher.publish("chat:1", json!("replicated")).await;
+    assert!(matches!(reply, ServerFrame::Ack { .. }), "{reply:?}");
+    assert_eq!(reader.message().await.data, json!("replicated"));
+
+    // The replica stops taking anything: publishes are stored and delivered, but not
+    // acknowledged, so a publisher that needs durability knows.
+    replica.signal("STOP");
+    let reply = publisher.publish("chat:1", json!("unconfirmed")).await;
+    match &reply {
+        ServerFrame::Error { code, message, .. } => {
+            assert_eq!(*code, ErrorCode::Unavailable);
+            assert_eq!(
+                message,
+                "stored and published, but confirmed by 0 of 1 replicas"
+            );
+        }
+        other => panic!("expected unavailable, got {other:?}"),
+    }
+    assert_eq!(reader.message().await.data, json!("unconfirmed"));
+    let (status, body) = api(
+        &node.base(),
+        "/api/publish",
+        &json!({"channel": "chat:1", "data": "unconfirmed-api"}),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        body["reason"],
+        "stored and published, but confirmed by 0 of 1 replicas"
+    );
+    // Plain channels do not wait.
+    let reply = publisher.publish("room:plain", json!("plain")).await;
+    assert!(matches!(reply, ServerFrame::Ack { .. }), "{reply:?}");
+
+    replica.signal("CONT");
+    let reply = publisher.publish("chat:1", json!("confirmed-again")).await;
+    assert!(matches!(reply, ServerFrame::Ack { .. }), "{reply:?}");
 }

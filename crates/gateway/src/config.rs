@@ -293,6 +293,10 @@ pub struct ServeArgs {
     #[arg(long, env = "PUSHGATE_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = duration)]
     pub heartbeat_interval: Duration,
 
+    /// Replicas that must confirm a history message (Redis `WAIT`) before its publish is
+    /// acknowledged; fewer within half of --redis-timeout answer `unavailable`. 0: do not wait.
+    #[arg(long, env = "PUSHGATE_HISTORY_MIN_REPLICAS", default_value_t = 0)]
+    pub history_min_replicas: u32,
     /// Channels that keep history, as `PATTERN=SIZE/TTL` (e.g. `chat:*=200/10m`: the last 200
     /// messages, for 10 minutes after the last one). Repeat the flag, or comma-separate in the
     /// environment. The first matching pattern applies.

@@ -28,6 +28,7 @@ use tower_http::cors::{AllowCredentials, AllowOrigin, CorsLayer};
 use tracing::{debug, warn};
 
 use crate::auth::{AuthError, Grant};
+use crate::broker::BrokerError;
 use crate::node::{Admission, Node, Outgoing, Refusal, TOP_CHANNELS, parse_session_id};
 use crate::session;
 
@@ -44,6 +45,8 @@ pub enum HttpError {
     Draining,
     /// The node cannot reach the broker while other nodes can.
     Isolated,
+    /// A history message was published without the replicas `--history-min-replicas` asks.
+    NotReplicated(String),
     Refused(Refusal),
     NotWebSocket(WebSocketUpgradeRejection),
     BadRequest {
@@ -81,6 +84,9 @@ impl IntoResponse for HttpError {
                 "node is draining; connect to another node".into(),
                 None,
             ),
+            Self::NotReplicated(reason) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable", reason, None)
+            }
             Self::Isolated => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -526,9 +532,12 @@ async fn api_publish(
             data,
         })
         .await
-        .map_err(|e| {
-            warn!(error = %e, "API publish did not reach the broker");
-            HttpError::Unavailable
+        .map_err(|e| match e {
+            BrokerError::NotReplicated { .. } => HttpError::NotReplicated(e.to_string()),
+            e => {
+                warn!(error = %e, "API publish did not reach the broker");
+                HttpError::Unavailable
+            }
         })?;
     let mut reply = json!({ "id": published.id });
     if let Some((offset, epoch)) = published.position {

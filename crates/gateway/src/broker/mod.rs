@@ -43,6 +43,9 @@ pub enum BrokerError {
     Timeout,
     #[error("redis: {0}")]
     Redis(String),
+    /// Stored and published, but `WAIT` saw fewer replicas take it than required.
+    #[error("stored and published, but confirmed by {got} of {wanted} replicas")]
+    NotReplicated { got: u32, wanted: u32 },
 }
 
 /// Names of the Redis channels of one cluster, under its prefix.

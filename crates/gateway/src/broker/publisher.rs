@@ -27,6 +27,8 @@ const MAX_BATCH: usize = 512;
 
 struct Job {
     cmd: redis::Cmd,
+    /// Must be confirmed by the lane's minimum of replicas.
+    replicated: bool,
     queued: Instant,
     reply: oneshot::Sender<Result<Value, BrokerError>>,
 }
@@ -55,6 +57,8 @@ pub struct Publisher {
 struct Lane {
     endpoint: Arc<Endpoint>,
     timeout: Duration,
+    /// Replicas that must confirm a replicated job (`WAIT`); 0: none.
+    min_replicas: u32,
     /// The `pushgate` function library, loaded again when Redis has lost it.
     library: Option<&'static str>,
     metrics: Arc<Metrics>,
@@ -67,6 +71,7 @@ impl Publisher {
         endpoint: Arc<Endpoint>,
         lanes: usize,
         depth: usize,
+        min_replicas: u32,
         timeout: Duration,
         library: Option<&'static str>,
         metrics: Arc<Metrics>,
@@ -76,6 +81,7 @@ impl Publisher {
         let lane = Arc::new(Lane {
             endpoint,
             timeout,
+            min_replicas,
             library,
             metrics,
             generation: generation.clone(),
@@ -100,9 +106,20 @@ impl Publisher {
     /// while that lane's queue is full (back-pressure), never for Redis's reply: that is what
     /// the returned [`Reply`] resolves to.
     pub async fn send(&self, key: u64, cmd: redis::Cmd) -> Reply {
+        self.queue(key, cmd, false).await
+    }
+
+    /// Like [`send`](Self::send), for a write that the configured minimum of replicas must
+    /// confirm before it counts as done.
+    pub async fn send_replicated(&self, key: u64, cmd: redis::Cmd) -> Reply {
+        self.queue(key, cmd, true).await
+    }
+
+    async fn queue(&self, key: u64, cmd: redis::Cmd, replicated: bool) -> Reply {
         let (reply, rx) = oneshot::channel();
         let job = Job {
             cmd,
+            replicated,
             queued: Instant::now(),
             reply,
         };
@@ -118,6 +135,7 @@ impl Publisher {
         let (reply, rx) = oneshot::channel();
         let job = Job {
             cmd,
+            replicated: false,
             queued: Instant::now(),
             reply,
         };
@@ -158,12 +176,21 @@ impl Lane {
                 // The connection's state is unknown (a reply may be half read): start over.
                 conn = None;
             }
-            let mut replies = replies.map(Vec::into_iter);
+            let mut replies = replies.map(|(values, replicas)| (values.into_iter(), replicas));
             for job in jobs.drain(..) {
                 let reply = match &mut replies {
-                    Ok(values) => values
-                        .next()
-                        .map_or(Err(BrokerError::Unavailable), into_result),
+                    Ok((values, replicas)) => {
+                        let value = values.next();
+                        match replicas {
+                            Some(got) if job.replicated && *got < self.min_replicas => {
+                                Err(BrokerError::NotReplicated {
+                                    got: *got,
+                                    wanted: self.min_replicas,
+                                })
+                            }
+                            _ => value.map_or(Err(BrokerError::Unavailable), into_result),
+                        }
+                    }
                     Err(e) => Err(e.clone()),
                 };
                 self.metrics
@@ -174,14 +201,14 @@ impl Lane {
         }
     }
 
-    /// Sends `jobs` as one pipeline and returns one reply each. Commands that failed because
-    /// Redis lost the function library (a restarted or flushed Redis) run again after it is
-    /// loaded.
+    /// Sends `jobs` as one pipeline and returns one reply each, and, when a job needs replicas,
+    /// how many confirmed the batch (`WAIT`). Commands that failed because Redis lost the
+    /// function library (a restarted or flushed Redis) run again after it is loaded.
     async fn batch(
         &self,
         conn: &mut Option<(u64, MultiplexedConnection)>,
         jobs: &mut [Job],
-    ) -> Result<Vec<Value>, BrokerError> {
+    ) -> Result<(Vec<Value>, Option<u32>), BrokerError> {
         let generation = self.generation.load(Ordering::Acquire);
         if conn.as_ref().is_some_and(|(g, _)| *g != generation) {
             *conn = None;
@@ -238,7 +265,21 @@ impl Lane {
                 values[i] = value;
             }
         }
-        Ok(values)
+        let replicas = if self.min_replicas > 0 && jobs.iter().any(|j| j.replicated) {
+            // One WAIT covers every write this connection sent before it. Half the timeout, so
+            // that the batch still answers within it.
+            let wait_ms = (self.timeout / 2).as_millis().max(1) as u64;
+            let got: u32 = redis::cmd("WAIT")
+                .arg(self.min_replicas)
+                .arg(wait_ms)
+                .query_async(conn)
+                .await
+                .map_err(redis_error)?;
+            Some(got)
+        } else {
+            None
+        };
+        Ok((values, replicas))
     }
 }
 

@@ -74,6 +74,8 @@ pub struct RedisSettings {
     pub functions: bool,
     /// Commands queued per publishing lane before publishers wait.
     pub publish_queue: usize,
+    /// Replicas that must confirm a history publish (`WAIT`); 0: none.
+    pub history_min_replicas: u32,
 }
 
 #[derive(Default)]
@@ -115,6 +117,7 @@ impl RedisBroker {
             endpoint.clone(),
             PUBLISH_LANES,
             settings.publish_queue,
+            settings.history_min_replicas,
             settings.timeout,
             settings.functions.then_some(LIBRARY),
             metrics.clone(),
@@ -286,7 +289,7 @@ impl RedisBroker {
             .arg(envelope)
             .arg(size)
             .arg(ttl_ms);
-        self.publisher.send(key, cmd).await
+        self.publisher.send_replicated(key, cmd).await
     }
 
     /// `pushgate_history`: the epoch and last offset of a history channel (a new epoch if it

@@ -234,6 +234,7 @@ impl Node {
                         probe_interval: config.redis_probe_interval,
                         functions: policy.needs_functions(),
                         publish_queue: config.publish_queue as usize,
+                        history_min_replicas: config.history_min_replicas,
                     });
                     let inbound: Weak<dyn Inbound> = me.clone();
                     let started = settings.and_then(|settings| {

@@ -120,6 +120,9 @@ fn next_reply(inflight: &mut VecDeque<InFlight>) -> impl Future<Output = String>
 fn publish_reply(id: u64, history: bool, result: Result<Published, BrokerError>) -> String {
     match result {
         Ok(_) => encode_ack(id),
+        Err(e @ BrokerError::NotReplicated { .. }) => {
+            encode_error(Some(id), ErrorCode::Unavailable, &e.to_string())
+        }
         Err(e) if history => {
             debug!(error = %e, "history publish failed");
             encode_error(
