@@ -54,36 +54,33 @@ pub struct Publisher {
 }
 
 /// What every lane needs.
-struct Lane {
-    endpoint: Arc<Endpoint>,
-    timeout: Duration,
+pub struct LaneSettings {
+    pub endpoint: Arc<Endpoint>,
+    /// Bound on one batch's round trip (connecting included).
+    pub timeout: Duration,
     /// Replicas that must confirm a replicated job (`WAIT`); 0: none.
-    min_replicas: u32,
+    pub min_replicas: u32,
     /// The `pushgate` function library, loaded again when Redis has lost it.
-    library: Option<&'static str>,
-    metrics: Arc<Metrics>,
+    pub library: Option<&'static str>,
+    pub metrics: Arc<Metrics>,
+}
+
+struct Lane {
+    settings: LaneSettings,
     generation: Arc<AtomicU64>,
 }
 
 impl Publisher {
     /// Starts `lanes` lane tasks with queues of `depth` commands each; they end at `shutdown`.
     pub fn start(
-        endpoint: Arc<Endpoint>,
+        settings: LaneSettings,
         lanes: usize,
         depth: usize,
-        min_replicas: u32,
-        timeout: Duration,
-        library: Option<&'static str>,
-        metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Self {
         let generation = Arc::new(AtomicU64::new(0));
         let lane = Arc::new(Lane {
-            endpoint,
-            timeout,
-            min_replicas,
-            library,
-            metrics,
+            settings,
             generation: generation.clone(),
         });
         let lanes = (0..lanes.max(1))
@@ -167,7 +164,7 @@ impl Lane {
             // each batch fails on its own connect (at once when refused, within the timeout
             // when unreachable).
             let batch = self.batch(&mut conn, &mut jobs);
-            let replies = match tokio::time::timeout(self.timeout, batch).await {
+            let replies = match tokio::time::timeout(self.settings.timeout, batch).await {
                 Ok(r) => r,
                 Err(_) => Err(BrokerError::Timeout),
             };
@@ -182,10 +179,10 @@ impl Lane {
                     Ok((values, replicas)) => {
                         let value = values.next();
                         match replicas {
-                            Some(got) if job.replicated && *got < self.min_replicas => {
+                            Some(got) if job.replicated && *got < self.settings.min_replicas => {
                                 Err(BrokerError::NotReplicated {
                                     got: *got,
-                                    wanted: self.min_replicas,
+                                    wanted: self.settings.min_replicas,
                                 })
                             }
                             _ => value.map_or(Err(BrokerError::Unavailable), into_result),
@@ -193,7 +190,8 @@ impl Lane {
                     }
                     Err(e) => Err(e.clone()),
                 };
-                self.metrics
+                self.settings
+                    .metrics
                     .redis_publish_seconds
                     .observe(job.queued.elapsed().as_secs_f64());
                 let _ = job.reply.send(reply);
@@ -217,11 +215,11 @@ impl Lane {
             Some(c) => c,
             None => conn.insert((
                 generation,
-                (self.endpoint.client().await?)
+                (self.settings.endpoint.client().await?)
                     .get_multiplexed_async_connection_with_config(
                         &redis::AsyncConnectionConfig::new()
-                            .set_connection_timeout(Some(self.timeout))
-                            .set_response_timeout(Some(self.timeout)),
+                            .set_connection_timeout(Some(self.settings.timeout))
+                            .set_response_timeout(Some(self.settings.timeout)),
                     )
                     .await
                     .map_err(redis_error)?,
@@ -251,7 +249,7 @@ impl Lane {
             .filter(|(_, v)| is_missing_function(v))
             .map(|(i, _)| i)
             .collect();
-        if let (Some(library), false) = (self.library, missing.is_empty()) {
+        if let (Some(library), false) = (self.settings.library, missing.is_empty()) {
             warn!("redis lost the pushgate function library; loading it again");
             load_library(conn, library).await?;
             let mut again = redis::pipe();
@@ -265,12 +263,12 @@ impl Lane {
                 values[i] = value;
             }
         }
-        let replicas = if self.min_replicas > 0 && jobs.iter().any(|j| j.replicated) {
+        let replicas = if self.settings.min_replicas > 0 && jobs.iter().any(|j| j.replicated) {
             // One WAIT covers every write this connection sent before it. Half the timeout, so
             // that the batch still answers within it.
-            let wait_ms = (self.timeout / 2).as_millis().max(1) as u64;
+            let wait_ms = (self.settings.timeout / 2).as_millis().max(1) as u64;
             let got: u32 = redis::cmd("WAIT")
-                .arg(self.min_replicas)
+                .arg(self.settings.min_replicas)
                 .arg(wait_ms)
                 .query_async(conn)
                 .await

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::endpoint::Endpoint;
-use super::publisher::{Publisher, Reply};
+use super::publisher::{LaneSettings, Publisher, Reply};
 use super::{BrokerError, Inbound, Topics};
 use crate::metrics::Metrics;
 
@@ -113,14 +113,17 @@ impl RedisBroker {
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, BrokerError> {
         let endpoint = Arc::new(settings.endpoint);
+        let lane = LaneSettings {
+            endpoint: endpoint.clone(),
+            timeout: settings.timeout,
+            min_replicas: settings.history_min_replicas,
+            library: settings.functions.then_some(LIBRARY),
+            metrics: metrics.clone(),
+        };
         let publisher = Publisher::start(
-            endpoint.clone(),
+            lane,
             PUBLISH_LANES,
             settings.publish_queue,
-            settings.history_min_replicas,
-            settings.timeout,
-            settings.functions.then_some(LIBRARY),
-            metrics.clone(),
             shutdown.clone(),
         );
         let broker = Arc::new(Self {
