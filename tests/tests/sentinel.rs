@@ -2,12 +2,15 @@
 //! share channels as on one Redis, and follow a failover to the promoted replica by themselves;
 //! with `--history-min-replicas` a history publish is acknowledged only once replicas have it.
 
+use std::net::TcpListener;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pushgate_protocol::ErrorCode;
 use pushgate_protocol::server::ServerFrame;
 use pushgate_tests::{
-    Client, NodeProcess, RedisServer, SentinelSet, api, eventually, metric, token,
+    Client, NodeProcess, RedisServer, Scratch, SentinelSet, api, eventually, free_port, metric,
+    repo_root, run, token,
 };
 use serde_json::{Value, json};
 
@@ -213,4 +216,78 @@ async fn history_publishes_wait_for_the_replicas_asked_for() {
     replica.signal("CONT");
     let reply = publisher.publish("chat:1", json!("confirmed-again")).await;
     assert!(matches!(reply, ServerFrame::Ack { .. }), "{reply:?}");
+}
+
+/// `deploy/redis/sentinel.sh up`, and `down` when dropped.
+struct ScriptedSentinels {
+    dir: Scratch,
+    /// The `KEY=value` lines the script printed.
+    settings: Vec<(String, String)>,
+}
+
+impl ScriptedSentinels {
+    fn up() -> Self {
+        let dir = Scratch::new("sentinel-script");
+        let out = run(Command::new("bash")
+            .arg(repo_root().join("deploy/redis/sentinel.sh"))
+            .args(["up", &dir.path(""), &free_ports(5).to_string()]));
+        let settings = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Self { dir, settings }
+    }
+
+    fn get(&self, key: &str) -> &str {
+        (self.settings.iter())
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("the script printed no {key}: {:?}", self.settings))
+    }
+}
+
+impl Drop for ScriptedSentinels {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(repo_root().join("deploy/redis/sentinel.sh"))
+            .args(["down", &self.dir.path("")])
+            .status();
+    }
+}
+
+/// The first of `n` consecutive ports that nobody listens on right now.
+fn free_ports(n: u16) -> u16 {
+    loop {
+        let first = free_port();
+        if first.checked_add(n).is_some()
+            && (first..first + n).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok())
+        {
+            return first;
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_local_sentinel_script_starts_a_setup_that_nodes_use() {
+    let setup = ScriptedSentinels::up();
+    let flags = [
+        "--redis-sentinel",
+        setup.get("PUSHGATE_REDIS_SENTINEL"),
+        "--redis-sentinel-master",
+        setup.get("PUSHGATE_REDIS_SENTINEL_MASTER"),
+    ];
+    let node = NodeProcess::spawn("n1", None, &flags).await;
+    node.wait_ready(200).await;
+    node.wait_broker(true).await;
+    let mut client = connect(&node, "alice").await;
+    client.subscribe("room:script").await;
+    let (status, body) = api(
+        &node.base(),
+        "/api/publish",
+        &json!({"channel": "room:script", "data": "through the sentinels"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(client.message().await.data, json!("through the sentinels"));
 }

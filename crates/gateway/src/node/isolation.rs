@@ -63,9 +63,9 @@ impl Node {
         let mut tick = tokio::time::interval(CHECK_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Heartbeats travel over Redis: the peers asked are those heard from in the last three
-        // heartbeat intervals before the broker went down.
+        // heartbeat intervals before the broker was last seen up.
         let horizon = self.config.heartbeat_interval * 3;
-        let mut down_since = None;
+        let mut last_up = Instant::now();
         let mut peers_reach_it = 0;
         loop {
             tokio::select! {
@@ -73,11 +73,11 @@ impl Node {
                 _ = tick.tick() => {}
             }
             if self.broker.is_ready() {
-                down_since = None;
+                last_up = Instant::now();
                 peers_reach_it = 0;
             } else {
-                let since = *down_since.get_or_insert_with(Instant::now);
-                let peers = self.peer_health_urls(since.checked_sub(horizon).unwrap_or(since));
+                let since = last_up.checked_sub(horizon).unwrap_or(last_up);
+                let peers = self.peer_health_urls(since);
                 let answers = join_all(peers.iter().map(|url| reaches_broker(&http, url))).await;
                 if answers.into_iter().any(|reaches| reaches) {
                     peers_reach_it += 1;
