@@ -1282,6 +1282,134 @@ impl SentinelSet {
     }
 }
 
+/// A local Redis Cluster: three primaries and three replicas (`redis-cli --cluster create
+/// --cluster-replicas 1`), `cluster-node-timeout` 2 s, nothing persisted.
+pub struct RedisCluster {
+    pub servers: Vec<RedisServer>,
+    _configs: Scratch,
+}
+
+impl RedisCluster {
+    /// Starts and joins the servers; returns once the cluster is up and every replica in sync.
+    pub async fn start() -> Self {
+        let configs = Scratch::new("cluster");
+        let servers: Vec<RedisServer> = (0..6)
+            .map(|i| {
+                let nodes = configs.path(&format!("nodes-{i}.conf"));
+                RedisServer::start_with(
+                    &[],
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        &nodes,
+                        "--cluster-node-timeout",
+                        "2000",
+                    ],
+                )
+            })
+            .collect();
+        let addrs: Vec<String> = (servers.iter())
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        run(Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"]));
+        let cluster = Self {
+            servers,
+            _configs: configs,
+        };
+        cluster.wait_healthy().await;
+        cluster
+    }
+
+    /// Waits until every live server says the cluster is ok and every replica is in sync.
+    pub async fn wait_healthy(&self) {
+        eventually("the Redis Cluster up, replicas in sync", || async {
+            for server in self.servers.iter().filter(|s| s.child.is_some()) {
+                let info: String =
+                    (server.command_as(&["CLUSTER", "INFO"]).await).unwrap_or_default();
+                if !info.contains("cluster_state:ok") {
+                    return false;
+                }
+                let replication: String =
+                    (server.command_as(&["INFO", "replication"]).await).unwrap_or_default();
+                if replication.contains("role:slave")
+                    && !replication.contains("master_link_status:up")
+                {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+    }
+
+    /// Every server's URL, comma-separated, for `--redis-cluster`.
+    pub fn urls(&self) -> String {
+        let urls: Vec<String> = self.servers.iter().map(RedisServer::url).collect();
+        urls.join(",")
+    }
+
+    /// A server that is up.
+    fn any(&self) -> &RedisServer {
+        (self.servers.iter())
+            .find(|s| s.child.is_some())
+            .expect("a live server")
+    }
+
+    /// `redis-cli -c SPUBLISH topic payload`, as a backend publishes on a cluster.
+    pub fn spublish(&self, topic: &str, payload: &str) {
+        run(Command::new("redis-cli")
+            .args(["-c", "-p", &self.any().port.to_string()])
+            .args(["SPUBLISH", topic, payload]));
+    }
+
+    /// The index in [`servers`](Self::servers) of the primary that serves `key`'s slot now
+    /// (none while a failover is under way).
+    pub async fn primary_of(&self, key: &str) -> Option<usize> {
+        let any = self.any();
+        let slot: i64 = (any.command_as(&["CLUSTER", "KEYSLOT", key]).await).expect("KEYSLOT");
+        let nodes: String = (any.command_as(&["CLUSTER", "NODES"]).await).expect("CLUSTER NODES");
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            let serves = fields[8..].iter().any(|range| {
+                let (from, to) = range.split_once('-').unwrap_or((range, range));
+                matches!((from.parse::<i64>(), to.parse::<i64>()), (Ok(a), Ok(b)) if a <= slot && slot <= b)
+            });
+            if serves {
+                let port: u16 = fields[1]
+                    .split(['@', ':'])
+                    .nth(1)
+                    .and_then(|p| p.parse().ok())
+                    .expect("a port in CLUSTER NODES");
+                return self.servers.iter().position(|s| s.port == port);
+            }
+        }
+        None
+    }
+
+    /// The indexes of the servers that are primaries now.
+    pub async fn primaries(&self) -> Vec<usize> {
+        let mut primaries = Vec::new();
+        for (i, server) in self.servers.iter().enumerate() {
+            if server.child.is_none() {
+                continue;
+            }
+            let info: String =
+                (server.command_as(&["INFO", "replication"]).await).unwrap_or_default();
+            if info.contains("role:master") {
+                primaries.push(i);
+            }
+        }
+        primaries
+    }
+}
+
 /// A directory of our own under the system's temporary directory, removed on drop.
 pub struct Scratch(PathBuf);
 

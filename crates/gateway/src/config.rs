@@ -180,9 +180,19 @@ pub struct ServeArgs {
         long,
         env = "PUSHGATE_REDIS_URL",
         hide_env_values = true,
-        conflicts_with = "redis_sentinel"
+        conflicts_with_all = ["redis_sentinel", "redis_cluster"]
     )]
     pub redis_url: Option<Secret>,
+    /// Redis Cluster seed URLs, comma-separated (redis://10.0.0.1:7000,redis://10.0.0.2:7000):
+    /// nodes use sharded Pub/Sub (`SPUBLISH`, `SSUBSCRIBE`), so a message crosses one shard.
+    #[arg(
+        long,
+        env = "PUSHGATE_REDIS_CLUSTER",
+        hide_env_values = true,
+        value_delimiter = ',',
+        conflicts_with = "redis_sentinel"
+    )]
+    pub redis_cluster: Vec<Secret>,
     /// Redis Sentinel URLs, comma-separated (redis://10.0.0.1:26379,redis://10.0.0.2:26379):
     /// the node finds the primary of --redis-sentinel-master through them and follows its
     /// failovers. A database number or password in the first URL applies to the primary.
@@ -458,6 +468,19 @@ mod tests {
         let both = [&sentinel[..], &["--redis-url", "redis://10.0.0.3/"]].concat();
         let e = ServeArgs::parse_from(both).unwrap_err().to_string();
         assert!(e.contains("cannot be used with"), "{e}");
+        let cluster = [
+            "--redis-cluster",
+            "redis://10.0.0.1:7000,redis://10.0.0.2:7000",
+        ];
+        assert_eq!(
+            ServeArgs::parse_from(cluster).unwrap().redis_cluster.len(),
+            2
+        );
+        for other in [&sentinel[..], &["--redis-url", "redis://10.0.0.3/"]] {
+            let both = [&cluster[..], other].concat();
+            let e = ServeArgs::parse_from(both).unwrap_err().to_string();
+            assert!(e.contains("cannot be used with"), "{e}");
+        }
         let e = ServeArgs::parse_from(&sentinel[..2])
             .unwrap_err()
             .to_string();

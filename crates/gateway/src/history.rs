@@ -14,6 +14,7 @@ use wildmatch::WildMatch;
 
 use crate::auth::Patterns;
 use crate::hub::Frame;
+use crate::lock;
 
 /// Largest history a channel may keep.
 pub const MAX_SIZE: u64 = 1_000_000;
@@ -183,10 +184,6 @@ pub struct MemoryHistory {
 
 /// How often expired channels are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 impl Default for MemoryHistory {
     fn default() -> Self {

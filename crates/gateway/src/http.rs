@@ -20,7 +20,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use futures_util::SinkExt;
-use pushgate_protocol::{RawJson, Target, close, validate_channel, validate_user};
+use pushgate_protocol::{RawJson, Target, close, validate_user};
 use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
@@ -484,10 +484,11 @@ const TARGETS: &str =
     "exactly one of \"channel\", \"user\", \"session\" or \"broadcast\": true is required";
 
 impl<'a> PublishBody<'a> {
-    fn target(&'a self) -> Result<Target<'a>, HttpError> {
+    fn target(&'a self, node: &Node) -> Result<Target<'a>, HttpError> {
         let mut targets = Vec::with_capacity(1);
         if let Some(c) = &self.channel {
-            validate_channel(c).map_err(|e| bad("channel", format!("channel {e}")))?;
+            node.validate_channel(c)
+                .map_err(|e| bad("channel", format!("channel {e}")))?;
             targets.push(Target::Channel(c));
         }
         if let Some(u) = &self.user {
@@ -520,7 +521,7 @@ async fn api_publish(
     let data = body
         .data
         .ok_or_else(|| bad("data", "data is required (any JSON value)"))?;
-    let target = body.target()?;
+    let target = body.target(&node)?;
     if !node.broker.is_ready() {
         return Err(HttpError::Unavailable);
     }
@@ -638,7 +639,8 @@ async fn api_history(
     Query(query): Query<HistoryQuery>,
 ) -> Result<Response, HttpError> {
     check_api_key(&node, &headers)?;
-    validate_channel(&channel).map_err(|e| bad("channel", format!("channel {e}")))?;
+    node.validate_channel(&channel)
+        .map_err(|e| bad("channel", format!("channel {e}")))?;
     let Some(rule) = node.policy.history(&channel) else {
         return Ok(not_found(
             "channel keeps no history (no --history pattern matches it)",
@@ -672,7 +674,8 @@ async fn api_presence(
     axum::extract::Path(channel): axum::extract::Path<String>,
 ) -> Result<Response, HttpError> {
     check_api_key(&node, &headers)?;
-    validate_channel(&channel).map_err(|e| bad("channel", format!("channel {e}")))?;
+    node.validate_channel(&channel)
+        .map_err(|e| bad("channel", format!("channel {e}")))?;
     if !node.policy.presence(&channel) {
         return Ok(not_found(
             "channel tracks no presence (no --presence or --presence-events pattern matches it)",

@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::lock;
 use crate::metrics::JwksMetrics;
 
 /// Largest key set accepted (real ones are a few KiB).
@@ -216,10 +217,6 @@ pub struct Jwks {
     /// Counts finished fetches: waiters watch it change.
     finished: watch::Sender<u64>,
     metrics: JwksMetrics,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Jwks {

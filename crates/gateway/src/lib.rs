@@ -25,3 +25,9 @@ pub mod tls;
 
 pub use config::ServeArgs;
 pub use server::Server;
+
+/// Locks `m`, also after a panic elsewhere poisoned it: every value behind these mutexes stays
+/// whole (no update spans a panic point).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -32,8 +32,8 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Sink, StreamExt, stream};
+use pushgate_protocol::RawJson;
 use pushgate_protocol::envelope::valid_epoch;
-use pushgate_protocol::{RawJson, validate_channel};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -107,7 +107,7 @@ pub fn open(
         ));
     }
     for channel in &channels {
-        if let Err(e) = validate_channel(channel) {
+        if let Err(e) = node.validate_channel(channel) {
             return bad_channel(format!("channel {e}"));
         }
         if !grant.subscribe.allows(channel) {

@@ -15,7 +15,7 @@ pub mod server;
 
 pub use client::{ClientFrame, DecodeError, Since};
 pub use envelope::{ControlMessage, Envelope, NodeMessage};
-pub use names::{NameError, validate_channel, validate_user};
+pub use names::{NameError, validate_channel, validate_sharded_channel, validate_user};
 pub use server::{ErrorCode, Position, PresenceEntry, PresenceEvent, PresenceKind, Target};
 
 /// Any JSON value, kept as its original text.

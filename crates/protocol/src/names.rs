@@ -13,6 +13,8 @@ pub enum NameError {
     TooLong,
     #[error("must not contain whitespace or control characters")]
     BadCharacter,
+    #[error("must not contain {{ or }} on Redis Cluster")]
+    HashTag,
 }
 
 fn validate(name: &str) -> Result<(), NameError> {
@@ -34,6 +36,16 @@ pub fn validate_channel(name: &str) -> Result<(), NameError> {
     validate(name)
 }
 
+/// A channel name on Redis Cluster: as [`validate_channel`], without `{` or `}`. A channel's
+/// keys carry its topic as a hash tag, which braces in the name would break.
+pub fn validate_sharded_channel(name: &str) -> Result<(), NameError> {
+    validate(name)?;
+    if name.contains(['{', '}']) {
+        return Err(NameError::HashTag);
+    }
+    Ok(())
+}
+
 /// A user name (a token's `sub`): same rules as a channel name.
 pub fn validate_user(name: &str) -> Result<(), NameError> {
     validate(name)
@@ -49,6 +61,15 @@ mod tests {
             assert_eq!(validate_channel(name), Ok(()), "{name}");
         }
         assert_eq!(validate_channel(&"x".repeat(MAX_NAME_BYTES)), Ok(()));
+    }
+
+    #[test]
+    fn sharded_channels_have_no_braces() {
+        assert_eq!(validate_sharded_channel("room:1"), Ok(()));
+        assert_eq!(validate_sharded_channel("a{b}"), Err(NameError::HashTag));
+        assert_eq!(validate_sharded_channel("}"), Err(NameError::HashTag));
+        assert_eq!(validate_sharded_channel(""), Err(NameError::Empty));
+        assert_eq!(validate_channel("a{b}"), Ok(()));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Where a node's Redis is: one fixed address, or the primary that Redis Sentinel names.
+//! Where a node's Redis is: one fixed address, the primary that Redis Sentinel names, or a Redis
+//! Cluster.
 //!
 //! Every connection the broker makes (the subscriber, each publishing lane) asks for a client
 //! when it connects, so after a failover the next connection goes to the new primary: a
@@ -17,6 +18,8 @@ pub enum Endpoint {
         sentinels: Mutex<SentinelClient>,
         master: String,
     },
+    /// A Redis Cluster, from its seed addresses; its connections follow the slot map.
+    Cluster(Vec<redis::ConnectionInfo>),
 }
 
 impl Endpoint {
@@ -54,6 +57,49 @@ impl Endpoint {
         })
     }
 
+    /// A Redis Cluster reached through any of `seeds`.
+    pub fn cluster(seeds: &[&str]) -> Result<Self, BrokerError> {
+        let seeds = (seeds.iter())
+            .map(|url| url.into_connection_info())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| BrokerError::Redis(format!("invalid Redis Cluster URL: {e}")))?;
+        if seeds.is_empty() {
+            return Err(BrokerError::Redis("no Redis Cluster URL".into()));
+        }
+        Ok(Self::Cluster(seeds))
+    }
+
+    /// Whether this is a Redis Cluster (shard channels, routed commands).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+
+    /// A connection to the cluster that routes each command by its key, with RESP3 and, when
+    /// given, shard-channel messages handed to `pushes` as they arrive.
+    pub async fn cluster_connection(
+        &self,
+        timeout: std::time::Duration,
+        pushes: Option<impl redis::aio::AsyncPushSender>,
+    ) -> Result<redis::cluster_async::ClusterConnection, BrokerError> {
+        let Self::Cluster(seeds) = self else {
+            return Err(BrokerError::Redis("not a Redis Cluster".into()));
+        };
+        let mut builder = redis::cluster::ClusterClientBuilder::new(seeds.clone())
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .connection_timeout(timeout)
+            .response_timeout(timeout);
+        if let Some(pushes) = pushes {
+            builder = builder.push_sender(pushes);
+        }
+        let client = builder
+            .build()
+            .map_err(|e| BrokerError::Redis(format!("invalid Redis Cluster: {e}")))?;
+        client
+            .get_async_connection()
+            .await
+            .map_err(|e| BrokerError::Redis(e.to_string()))
+    }
+
     /// A client for the primary as it is now: in sentinel mode, asked of the sentinels (and
     /// checked with `ROLE` on the primary) each time.
     pub async fn client(&self) -> Result<redis::Client, BrokerError> {
@@ -65,11 +111,9 @@ impl Endpoint {
                 .async_get_client()
                 .await
                 .map_err(|e| BrokerError::Redis(format!("no primary for {master}: {e}"))),
+            Self::Cluster(_) => Err(BrokerError::Redis(
+                "a Redis Cluster has no single server".into(),
+            )),
         }
     }
-}
-
-/// Whether Redis refused a write because the server is a replica: the primary moved.
-pub fn is_readonly(e: &redis::ServerError) -> bool {
-    e.code() == "READONLY"
 }

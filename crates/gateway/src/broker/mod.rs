@@ -48,19 +48,20 @@ pub enum BrokerError {
     NotReplicated { got: u32, wanted: u32 },
 }
 
-/// Names of the Redis channels of one cluster, under its prefix.
+/// Names of the Redis channels and keys of one cluster, under its prefix.
+///
+/// On Redis Cluster (`sharded`) the keys of a channel carry its topic as a hash tag
+/// (`{pushgate:ch:chat:1}:history`), so that they live in the slot of the topic itself and one
+/// function call can store a message and `SPUBLISH` it on one shard.
 #[derive(Debug, Clone)]
 pub struct Topics {
+    prefix: String,
+    sharded: bool,
     channel: String,
     user: String,
     node: String,
     broadcast: String,
     control: String,
-    history: String,
-    meta: String,
-    presence: String,
-    presence_exp: String,
-    presence_users: String,
 }
 
 /// A Redis channel name, read back.
@@ -74,45 +75,57 @@ pub enum Topic<'a> {
 }
 
 impl Topics {
-    pub fn new(prefix: &str) -> Self {
+    pub fn new(prefix: &str, sharded: bool) -> Self {
         Self {
+            prefix: prefix.to_owned(),
+            sharded,
             channel: format!("{prefix}:ch:"),
             user: format!("{prefix}:user:"),
             node: format!("{prefix}:node:"),
             broadcast: format!("{prefix}:broadcast"),
             control: format!("{prefix}:control"),
-            history: format!("{prefix}:history:"),
-            meta: format!("{prefix}:meta:"),
-            presence: format!("{prefix}:presence:"),
-            presence_exp: format!("{prefix}:presence-exp:"),
-            presence_users: format!("{prefix}:presence-users:"),
+        }
+    }
+
+    /// Whether the topics are Redis Cluster shard channels (`SPUBLISH`, `SSUBSCRIBE`).
+    pub fn sharded(&self) -> bool {
+        self.sharded
+    }
+
+    /// The key `what` of `channel`: `{prefix}:{what}:{channel}`, or on Redis Cluster
+    /// `{{prefix}:ch:{channel}}:{what}`.
+    fn key(&self, what: &str, channel: &str) -> String {
+        if self.sharded {
+            format!("{{{}{channel}}}:{what}", self.channel)
+        } else {
+            format!("{}:{what}:{channel}", self.prefix)
         }
     }
 
     /// The Stream key holding a history channel's messages.
     pub fn history(&self, channel: &str) -> String {
-        format!("{}{channel}", self.history)
+        self.key("history", channel)
     }
 
     /// The hash key holding a history channel's epoch and last offset.
     pub fn meta(&self, channel: &str) -> String {
-        format!("{}{channel}", self.meta)
+        self.key("meta", channel)
     }
 
     /// The hash key of a presence channel's entries (session -> JSON).
     pub fn presence(&self, channel: &str) -> String {
-        format!("{}{channel}", self.presence)
+        self.key("presence", channel)
     }
 
     /// The sorted-set key of a presence channel's expiries (session -> Unix ms).
     pub fn presence_exp(&self, channel: &str) -> String {
-        format!("{}{channel}", self.presence_exp)
+        self.key("presence-exp", channel)
     }
 
     /// The hash key of a presence channel's users (user -> how many of their sessions have an
     /// entry).
     pub fn presence_users(&self, channel: &str) -> String {
-        format!("{}{channel}", self.presence_users)
+        self.key("presence-users", channel)
     }
 
     pub fn channel(&self, name: &str) -> String {
@@ -253,7 +266,7 @@ mod tests {
 
     #[test]
     fn topics_round_trip() {
-        let t = Topics::new("pg");
+        let t = Topics::new("pg", false);
         assert_eq!(t.channel("room:1"), "pg:ch:room:1");
         assert_eq!(t.parse("pg:ch:room:1"), Some(Topic::Channel("room:1")));
         assert_eq!(t.parse(&t.user("alice")), Some(Topic::User("alice")));
@@ -267,5 +280,16 @@ mod tests {
         assert_eq!(t.presence("room:1"), "pg:presence:room:1");
         assert_eq!(t.presence_exp("room:1"), "pg:presence-exp:room:1");
         assert_eq!(t.presence_users("room:1"), "pg:presence-users:room:1");
+    }
+
+    #[test]
+    fn sharded_keys_share_their_topics_slot() {
+        let t = Topics::new("pg", true);
+        assert_eq!(t.channel("chat:1"), "pg:ch:chat:1");
+        assert_eq!(t.history("chat:1"), "{pg:ch:chat:1}:history");
+        assert_eq!(t.meta("chat:1"), "{pg:ch:chat:1}:meta");
+        assert_eq!(t.presence("chat:1"), "{pg:ch:chat:1}:presence");
+        assert_eq!(t.presence_exp("chat:1"), "{pg:ch:chat:1}:presence-exp");
+        assert_eq!(t.presence_users("chat:1"), "{pg:ch:chat:1}:presence-users");
     }
 }

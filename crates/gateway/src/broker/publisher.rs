@@ -12,14 +12,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures_util::future::join_all;
 use redis::Value;
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::BrokerError;
-use super::endpoint::{Endpoint, is_readonly};
+use super::endpoint::Endpoint;
 use crate::metrics::Metrics;
 
 /// Most commands in one pipeline.
@@ -185,7 +187,7 @@ impl Lane {
                                     wanted: self.settings.min_replicas,
                                 })
                             }
-                            _ => value.map_or(Err(BrokerError::Unavailable), into_result),
+                            _ => value.unwrap_or(Err(BrokerError::Unavailable)),
                         }
                     }
                     Err(e) => Err(e.clone()),
@@ -199,31 +201,22 @@ impl Lane {
         }
     }
 
-    /// Sends `jobs` as one pipeline and returns one reply each, and, when a job needs replicas,
-    /// how many confirmed the batch (`WAIT`). Commands that failed because Redis lost the
-    /// function library (a restarted or flushed Redis) run again after it is loaded.
+    /// Sends `jobs` in order and returns one reply each, and, when a job needs replicas, how
+    /// many confirmed the batch (`WAIT`). Commands that failed because Redis lost the function
+    /// library (a restarted or flushed Redis, a primary new to a cluster) run again after it is
+    /// loaded.
     async fn batch(
         &self,
-        conn: &mut Option<(u64, MultiplexedConnection)>,
+        conn: &mut Option<(u64, LaneConnection)>,
         jobs: &mut [Job],
-    ) -> Result<(Vec<Value>, Option<u32>), BrokerError> {
+    ) -> Result<(Vec<Result<Value, BrokerError>>, Option<u32>), BrokerError> {
         let generation = self.generation.load(Ordering::Acquire);
         if conn.as_ref().is_some_and(|(g, _)| *g != generation) {
             *conn = None;
         }
         let (_, conn) = match conn {
             Some(c) => c,
-            None => conn.insert((
-                generation,
-                (self.settings.endpoint.client().await?)
-                    .get_multiplexed_async_connection_with_config(
-                        &redis::AsyncConnectionConfig::new()
-                            .set_connection_timeout(Some(self.settings.timeout))
-                            .set_response_timeout(Some(self.settings.timeout)),
-                    )
-                    .await
-                    .map_err(redis_error)?,
-            )),
+            None => conn.insert((generation, self.connect().await?)),
         };
         // The commands move into the pipeline: a message's bytes are not copied again here.
         let mut pipe = redis::pipe();
@@ -231,13 +224,13 @@ impl Lane {
         for job in jobs.iter_mut() {
             pipe.add_command(std::mem::take(&mut job.cmd));
         }
-        let mut values: Vec<Value> = pipe.query_async(conn).await.map_err(redis_error)?;
-        if values.len() != jobs.len() {
+        let mut replies = conn.send(&pipe).await?;
+        if replies.len() != jobs.len() {
             return Err(BrokerError::Redis("pipeline reply count mismatch".into()));
         }
-        if values
+        if replies
             .iter()
-            .any(|v| matches!(v, Value::ServerError(e) if is_readonly(e)))
+            .any(|r| matches!(r, Err(e) if is_readonly(e)))
         {
             // A replica now (a failover demoted this server): the batch fails, and the next
             // one connects to the primary the endpoint names then.
@@ -245,8 +238,8 @@ impl Lane {
                 "READONLY: connected to a replica".into(),
             ));
         }
-        let missing: Vec<usize> = (values.iter().enumerate())
-            .filter(|(_, v)| is_missing_function(v))
+        let missing: Vec<usize> = (replies.iter().enumerate())
+            .filter(|(_, r)| matches!(r, Err(e) if is_missing_function(e)))
             .map(|(i, _)| i)
             .collect();
         if let (Some(library), false) = (self.settings.library, missing.is_empty()) {
@@ -258,14 +251,15 @@ impl Lane {
             for &i in &missing {
                 again.add_command(sent[i].clone());
             }
-            let retried: Vec<Value> = again.query_async(conn).await.map_err(redis_error)?;
-            for (i, value) in missing.into_iter().zip(retried) {
-                values[i] = value;
+            let retried = conn.send(&again).await?;
+            for (i, reply) in missing.into_iter().zip(retried) {
+                replies[i] = reply;
             }
         }
         let replicas = if self.settings.min_replicas > 0 && jobs.iter().any(|j| j.replicated) {
-            // One WAIT covers every write this connection sent before it. Half the timeout, so
-            // that the batch still answers within it.
+            // One WAIT covers every write this connection sent before it (on a cluster, every
+            // primary answers and the least count counts). Half the timeout, so that the batch
+            // still answers within it.
             let wait_ms = (self.settings.timeout / 2).as_millis().max(1) as u64;
             let got: u32 = redis::cmd("WAIT")
                 .arg(self.settings.min_replicas)
@@ -277,7 +271,85 @@ impl Lane {
         } else {
             None
         };
-        Ok((values, replicas))
+        Ok((replies, replicas))
+    }
+
+    async fn connect(&self) -> Result<LaneConnection, BrokerError> {
+        let endpoint = &self.settings.endpoint;
+        if endpoint.is_cluster() {
+            let no_pushes = None::<fn(redis::PushInfo) -> Result<(), ()>>;
+            let conn = endpoint
+                .cluster_connection(self.settings.timeout, no_pushes)
+                .await?;
+            return Ok(LaneConnection::Cluster(conn));
+        }
+        let conn = (endpoint.client().await?)
+            .get_multiplexed_async_connection_with_config(
+                &redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.settings.timeout))
+                    .set_response_timeout(Some(self.settings.timeout)),
+            )
+            .await
+            .map_err(redis_error)?;
+        Ok(LaneConnection::Single(conn))
+    }
+}
+
+/// A lane's connection: to one server, or to a Redis Cluster, routing each command by its key.
+enum LaneConnection {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl LaneConnection {
+    /// Sends `pipe`'s commands in order and returns one reply each. To one server they go as one
+    /// pipeline. A cluster takes a pipeline only within one slot, so there each goes on its
+    /// own, queued in order and so kept in order on each shard's connection.
+    async fn send(
+        &mut self,
+        pipe: &redis::Pipeline,
+    ) -> Result<Vec<Result<Value, BrokerError>>, BrokerError> {
+        match self {
+            Self::Single(conn) => {
+                let values: Vec<Value> = pipe.query_async(conn).await.map_err(redis_error)?;
+                Ok(values.into_iter().map(into_result).collect())
+            }
+            Self::Cluster(conn) => {
+                let sends = pipe.cmd_iter().map(|cmd| {
+                    let mut conn = conn.clone();
+                    async move { conn.req_packed_command(cmd).await.map_err(redis_error) }
+                });
+                Ok(join_all(sends).await)
+            }
+        }
+    }
+}
+
+impl redis::aio::ConnectionLike for LaneConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Self::Single(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(conn) => conn.req_packed_commands(cmd, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
     }
 }
 
@@ -303,8 +375,13 @@ fn into_result(value: Value) -> Result<Value, BrokerError> {
     }
 }
 
-fn is_missing_function(value: &Value) -> bool {
-    matches!(value, Value::ServerError(e) if e.to_string().contains("Function not found"))
+fn is_missing_function(e: &BrokerError) -> bool {
+    matches!(e, BrokerError::Redis(message) if message.contains("Function not found"))
+}
+
+/// Whether Redis refused a write because the server is a replica: the primary moved.
+fn is_readonly(e: &BrokerError) -> bool {
+    matches!(e, BrokerError::Redis(message) if message.starts_with("READONLY"))
 }
 
 pub fn redis_error(e: redis::RedisError) -> BrokerError {

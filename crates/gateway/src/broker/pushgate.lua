@@ -11,6 +11,8 @@
 -- {prefix}:presence-users:c (user -> how many of the user's sessions have an entry). On a
 -- presence-events channel the functions that change the entries also publish a join when a
 -- user's count goes from 0 to 1 and a leave when it drops to 0, on the channel's topic.
+-- On Redis Cluster every key of `c` is named after its topic instead, as a hash tag
+-- ({prefix:ch:c}:history, {prefix:ch:c}:meta, ...), so that it lives in the topic's slot.
 
 local function int(n)
   return string.format('%d', n)
@@ -25,6 +27,17 @@ local function run_id()
     this_run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
   end
   return this_run_id
+end
+
+-- Publishes on a node topic: with PUBLISH, or on Redis Cluster with SPUBLISH, since nodes there
+-- subscribe to shard channels. Which one is read once per process, like the run ID.
+local publish_command
+local function publish_to(topic, payload)
+  if not publish_command then
+    local cluster = string.find(redis.call('INFO', 'cluster'), 'cluster_enabled:1', 1, true)
+    publish_command = cluster and 'SPUBLISH' or 'PUBLISH'
+  end
+  redis.call(publish_command, topic, payload)
 end
 
 -- The channel's epoch; a new one (and an empty stream, so that offsets restart) when the meta
@@ -77,7 +90,7 @@ local function publish(keys, args)
   redis.call('XADD', stream, 'MAXLEN', int(size), int(offset) .. '-0', 'm', payload)
   redis.call('PEXPIRE', stream, ttl)
   redis.call('PEXPIRE', meta, ttl)
-  redis.call('PUBLISH', topic, payload)
+  publish_to(topic, payload)
   return {offset, epoch}
 end
 
@@ -187,7 +200,7 @@ end
 -- {"presence":"join","user":"bob","session":"n2.0301..."}
 local function presence_event(topic, kind, user, session)
   if topic and topic ~= '' then
-    redis.call('PUBLISH', topic, '{"presence":"' .. kind .. '","user":' .. cjson.encode(user)
+    publish_to(topic, '{"presence":"' .. kind .. '","user":' .. cjson.encode(user)
       .. ',"session":' .. cjson.encode(session) .. '}')
   end
 end

@@ -20,9 +20,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use std::pin::Pin;
+
 use futures_util::StreamExt;
+use futures_util::future::try_join_all;
 use pushgate_protocol::NodeMessage;
 use redis::aio::PubSubSink;
+use redis::cluster_async::ClusterConnection;
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -30,6 +34,7 @@ use tracing::{debug, info, warn};
 use super::endpoint::Endpoint;
 use super::publisher::{LaneSettings, Publisher, Reply};
 use super::{BrokerError, Inbound, Topics};
+use crate::lock;
 use crate::metrics::Metrics;
 
 /// Most channels named in one SUBSCRIBE or UNSUBSCRIBE.
@@ -99,7 +104,11 @@ pub struct RedisBroker {
     ready: AtomicBool,
     /// Has been ready at least once since the node started.
     started: AtomicBool,
-    probe_seen: AtomicU64,
+    /// Where the liveness probe goes: the node's topic, or on a Redis Cluster one topic on each
+    /// shard (see [`shard_probe_topics`]).
+    probe_topics: Mutex<Vec<String>>,
+    /// Per probe topic, the newest probe seen back.
+    probe_seen: Mutex<HashMap<String, u64>>,
     functions: bool,
     metrics: Arc<Metrics>,
 }
@@ -137,7 +146,8 @@ impl RedisBroker {
             changed: Notify::new(),
             ready: AtomicBool::new(false),
             started: AtomicBool::new(false),
-            probe_seen: AtomicU64::new(0),
+            probe_topics: Mutex::new(vec![settings.topics.node(&settings.node_id)]),
+            probe_seen: Mutex::default(),
             functions: settings.functions,
             metrics,
         });
@@ -162,7 +172,7 @@ impl RedisBroker {
     }
 
     fn wanted(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
-        self.wanted.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.wanted)
     }
 
     /// Takes a hold; returns a receiver that fires once the topic is active, or `None` if it is.
@@ -218,9 +228,11 @@ impl RedisBroker {
         }
     }
 
-    /// Queues a `PUBLISH` on the lane of `key`, in order after what was queued there before.
+    /// Queues a `PUBLISH` (on Redis Cluster, `SPUBLISH`) on the lane of `key`, in order after
+    /// what was queued there before.
     pub async fn publish(&self, key: u64, topic: &str, payload: &[u8]) -> Reply {
-        let mut cmd = redis::cmd("PUBLISH");
+        let sharded = self.endpoint.is_cluster();
+        let mut cmd = redis::cmd(if sharded { "SPUBLISH" } else { "PUBLISH" });
         cmd.arg(topic).arg(payload);
         self.publisher.send(key, cmd).await
     }
@@ -448,13 +460,7 @@ impl RedisBroker {
         let mut backoff = BACKOFF_MIN;
         let mut connected_before = false;
         loop {
-            let connect = async {
-                let client = self.endpoint.client().await?;
-                client
-                    .get_async_pubsub()
-                    .await
-                    .map_err(|e| BrokerError::Redis(e.to_string()))
-            };
+            let connect = self.connect_subscriber(&inbound);
             let pubsub = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = tokio::time::timeout(self.timeout, connect) => r,
@@ -507,19 +513,72 @@ impl RedisBroker {
     }
 
     /// Runs one connection: the read loop, the reconciler and the liveness probe.
+    /// The subscriber connection: a Pub/Sub connection to one server, or on a Redis Cluster a
+    /// connection to every shard whose shard-channel messages go straight to
+    /// [`on_message`](Self::on_message) as they are read.
+    async fn connect_subscriber(
+        self: &Arc<Self>,
+        inbound: &Weak<dyn Inbound>,
+    ) -> Result<Subscriber, BrokerError> {
+        if !self.endpoint.is_cluster() {
+            let client = self.endpoint.client().await?;
+            return (client.get_async_pubsub().await)
+                .map(Subscriber::Single)
+                .map_err(|e| BrokerError::Redis(e.to_string()));
+        }
+        let (broker, inbound) = (Arc::downgrade(self), inbound.clone());
+        let pushes = move |push: redis::PushInfo| {
+            if push.kind == redis::PushKind::SMessage
+                && let [
+                    redis::Value::BulkString(topic),
+                    redis::Value::BulkString(payload),
+                ] = &push.data[..]
+                && let (Some(broker), Ok(topic)) = (broker.upgrade(), std::str::from_utf8(topic))
+            {
+                broker.on_message(topic, payload, &inbound);
+            }
+            Ok::<(), std::convert::Infallible>(())
+        };
+        let conn = self
+            .endpoint
+            .cluster_connection(self.timeout, Some(pushes))
+            .await?;
+        Ok(Subscriber::Cluster(conn))
+    }
+
     async fn serve(
         self: &Arc<Self>,
-        pubsub: redis::aio::PubSub,
+        subscriber: Subscriber,
         inbound: &Weak<dyn Inbound>,
         shutdown: &CancellationToken,
         reconnect: bool,
     ) {
-        let (sink, mut stream) = pubsub.split();
-        let reader = async {
-            while let Some(msg) = stream.next().await {
-                self.on_message(msg.get_channel_name(), msg.get_payload_bytes(), inbound);
+        let (sink, reader): (_, Pin<Box<dyn Future<Output = ()> + Send + '_>>) = match subscriber {
+            Subscriber::Single(pubsub) => {
+                let (sink, mut stream) = pubsub.split();
+                let reader = async move {
+                    while let Some(msg) = stream.next().await {
+                        self.on_message(msg.get_channel_name(), msg.get_payload_bytes(), inbound);
+                    }
+                    warn!("redis subscriber connection closed");
+                };
+                (SubscriptionSink::Single(sink), Box::pin(reader))
             }
-            warn!("redis subscriber connection closed");
+            // Messages arrive through the push callback; the cluster connection reconnects
+            // to shards by itself, and the probe notices one that stays silent.
+            Subscriber::Cluster(mut conn) => {
+                match shard_probe_topics(&mut conn, &self.node_topic).await {
+                    Ok(topics) => self.probe_on(topics),
+                    Err(e) => {
+                        warn!(error = %e, "redis cluster shards unknown");
+                        return;
+                    }
+                }
+                (
+                    SubscriptionSink::Cluster(conn),
+                    Box::pin(std::future::pending()),
+                )
+            }
         };
         let reconciler = async {
             let mut sink = sink;
@@ -554,12 +613,27 @@ impl RedisBroker {
         }
     }
 
+    /// Probes `topics` from now on, holding them, and no longer the ones probed before.
+    fn probe_on(&self, topics: Vec<String>) {
+        let old = std::mem::replace(&mut *lock(&self.probe_topics), topics.clone());
+        for topic in &topics {
+            if !old.contains(topic) {
+                self.take_hold(topic);
+            }
+        }
+        for topic in old.iter().filter(|t| !topics.contains(t)) {
+            self.release(topic);
+        }
+    }
+
     fn on_message(&self, topic: &str, payload: &[u8], inbound: &Weak<dyn Inbound>) {
-        if topic == self.node_topic
+        if topic.starts_with(&self.node_topic)
             && let Ok(NodeMessage::Probe { nonce }) = NodeMessage::decode(payload)
         {
             if let Ok(n) = nonce.parse::<u64>() {
-                self.probe_seen.fetch_max(n, Ordering::AcqRel);
+                let mut seen = lock(&self.probe_seen);
+                let last = seen.entry(topic.to_owned()).or_default();
+                *last = n.max(*last);
             }
             return;
         }
@@ -576,8 +650,11 @@ impl RedisBroker {
         let mut sent = None::<u64>;
         loop {
             interval.tick().await;
+            let topics = lock(&self.probe_topics).clone();
             if let Some(n) = sent
-                && self.probe_seen.load(Ordering::Acquire) < n
+                && topics
+                    .iter()
+                    .any(|t| lock(&self.probe_seen).get(t).is_none_or(|seen| *seen < n))
             {
                 self.metrics.redis_probe_failures.inc();
                 warn!(
@@ -590,11 +667,11 @@ impl RedisBroker {
             let probe = NodeMessage::Probe {
                 nonce: n.to_string().into(),
             };
-            match self
-                .publish(n, &self.node_topic, &probe.encode())
-                .await
-                .await
-            {
+            let mut replies = Vec::with_capacity(topics.len());
+            for topic in &topics {
+                replies.push(self.publish(n, topic, &probe.encode()).await);
+            }
+            match try_join_all(replies).await {
                 Ok(_) => sent = Some(n),
                 Err(e) => {
                     self.metrics.redis_probe_failures.inc();
@@ -607,7 +684,11 @@ impl RedisBroker {
 
     /// Brings the connection's subscriptions in line with the holds, until nothing is left to do.
     /// With `until_idle`, passes again until one finds nothing to do; otherwise makes one pass.
-    async fn reconcile(&self, sink: &mut PubSubSink, until_idle: bool) -> Result<(), BrokerError> {
+    async fn reconcile(
+        &self,
+        sink: &mut SubscriptionSink,
+        until_idle: bool,
+    ) -> Result<(), BrokerError> {
         loop {
             let (mut subscribe, mut unsubscribe) = (Vec::new(), Vec::new());
             {
@@ -663,6 +744,116 @@ impl RedisBroker {
         match tokio::time::timeout(self.timeout, f).await {
             Ok(r) => r.map_err(|e| BrokerError::Redis(e.to_string())),
             Err(_) => Err(BrokerError::Timeout),
+        }
+    }
+}
+
+/// One probe topic per shard of the cluster `conn` reaches: names under `node_topic` whose
+/// slots fall on each primary's slots, so that a probe through each notices a shard that went
+/// silent or moved to another primary.
+async fn shard_probe_topics(
+    conn: &mut ClusterConnection,
+    node_topic: &str,
+) -> Result<Vec<String>, BrokerError> {
+    use redis::Value;
+    let error = |e: redis::RedisError| BrokerError::Redis(e.to_string());
+    let slots: Vec<Value> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(conn)
+        .await
+        .map_err(error)?;
+    // Each entry: [first slot, last slot, [host, port, id, ...] of the primary, replicas...].
+    let mut shards: Vec<(Value, Vec<(i64, i64)>)> = Vec::new();
+    for entry in slots {
+        let Value::Array(fields) = entry else {
+            continue;
+        };
+        let (Some(Value::Int(first)), Some(Value::Int(last)), Some(primary)) =
+            (fields.first(), fields.get(1), fields.get(2))
+        else {
+            continue;
+        };
+        match shards.iter_mut().find(|(p, _)| p == primary) {
+            Some((_, ranges)) => ranges.push((*first, *last)),
+            None => shards.push((primary.clone(), vec![(*first, *last)])),
+        }
+    }
+    let mut topics: Vec<Option<String>> = vec![None; shards.len()];
+    let mut next = 0;
+    // Each candidate lands on a shard with the share of the slots it serves: a few rounds
+    // cover every shard of an evenly sharded cluster.
+    while topics.iter().any(Option::is_none) && next < 16_384 {
+        let candidates: Vec<String> = (next..next + 64)
+            .map(|i| format!("{node_topic}:probe:{i}"))
+            .collect();
+        next += 64;
+        let slots = try_join_all(candidates.iter().map(|topic| {
+            let mut conn = conn.clone();
+            async move {
+                redis::cmd("CLUSTER")
+                    .arg("KEYSLOT")
+                    .arg(topic)
+                    .query_async::<i64>(&mut conn)
+                    .await
+            }
+        }))
+        .await
+        .map_err(error)?;
+        for (topic, slot) in candidates.into_iter().zip(slots) {
+            let shard = shards.iter().position(|(_, ranges)| {
+                ranges
+                    .iter()
+                    .any(|(first, last)| (*first..=*last).contains(&slot))
+            });
+            if let Some(i) = shard
+                && topics[i].is_none()
+            {
+                topics[i] = Some(topic);
+            }
+        }
+    }
+    topics
+        .into_iter()
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| BrokerError::Redis("no probe topic for a shard".into()))
+}
+
+/// A node's subscriber connection.
+enum Subscriber {
+    Single(redis::aio::PubSub),
+    Cluster(ClusterConnection),
+}
+
+/// Where subscriptions are changed: a Pub/Sub connection's sink, or a cluster connection (shard
+/// channels, each subscribed on the shard of its slot).
+enum SubscriptionSink {
+    Single(PubSubSink),
+    Cluster(ClusterConnection),
+}
+
+impl SubscriptionSink {
+    async fn subscribe(&mut self, topics: &[String]) -> redis::RedisResult<()> {
+        match self {
+            Self::Single(sink) => sink.subscribe(topics).await,
+            // SSUBSCRIBE names channels of one slot only: one command per topic, all at once.
+            Self::Cluster(conn) => try_join_all(topics.iter().map(|topic| {
+                let mut conn = conn.clone();
+                async move { conn.ssubscribe(topic).await }
+            }))
+            .await
+            .map(drop),
+        }
+    }
+
+    async fn unsubscribe(&mut self, topics: &[String]) -> redis::RedisResult<()> {
+        match self {
+            Self::Single(sink) => sink.unsubscribe(topics).await,
+            Self::Cluster(conn) => try_join_all(topics.iter().map(|topic| {
+                let mut conn = conn.clone();
+                async move { conn.sunsubscribe(topic).await }
+            }))
+            .await
+            .map(drop),
         }
     }
 }

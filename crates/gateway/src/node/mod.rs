@@ -10,7 +10,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pushgate_protocol::envelope::{ChannelPayload, EnvelopeError, NodeStats, Stamp};
 use pushgate_protocol::server::{MessageRef, encode_message};
-use pushgate_protocol::{ControlMessage, Envelope, NodeMessage, RawJson, Target, close};
+use pushgate_protocol::{
+    ControlMessage, Envelope, NameError, NodeMessage, RawJson, Target, close, validate_channel,
+    validate_sharded_channel,
+};
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -26,6 +29,7 @@ use crate::broker::{
 use crate::config::{Secret, ServeArgs};
 use crate::history::{MemoryHistory, Policy};
 use crate::hub::{Frame, Hub};
+use crate::lock;
 use crate::metrics::Metrics;
 
 mod channels;
@@ -185,10 +189,6 @@ pub struct Published {
     pub position: Option<(u64, Arc<str>)>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 pub fn unix_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -208,13 +208,18 @@ impl Node {
             metrics.register_jwks(jwks.metrics());
         }
         let metrics = Arc::new(metrics);
-        let topics = Topics::new(&config.redis_prefix);
+        let topics = Topics::new(&config.redis_prefix, !config.redis_cluster.is_empty());
         let shutdown = CancellationToken::new();
         let policy = Policy::new(&config.history, &config.presence)
             .with_presence_events(&config.presence_events);
         let mut broker_error = None;
         let node = Arc::new_cyclic(|me: &Weak<Node>| {
             let endpoint = match (&config.redis_url, &config.redis_sentinel[..]) {
+                _ if !config.redis_cluster.is_empty() => {
+                    let seeds: Vec<&str> =
+                        config.redis_cluster.iter().map(Secret::expose).collect();
+                    Some(Endpoint::cluster(&seeds))
+                }
                 (None, []) => None,
                 (Some(url), _) => Some(Endpoint::single(url.expose())),
                 (None, sentinels) => {
@@ -292,6 +297,15 @@ impl Node {
 
     pub fn is_draining(&self) -> bool {
         self.draining.is_cancelled()
+    }
+
+    /// Checks a channel name by this node's rules: on Redis Cluster, without braces.
+    pub fn validate_channel(&self, name: &str) -> Result<(), NameError> {
+        if self.topics.sharded() {
+            validate_sharded_channel(name)
+        } else {
+            validate_channel(name)
+        }
     }
 
     /// Whether this node should get new clients; if not, why. Once the node has reached the

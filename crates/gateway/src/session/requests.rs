@@ -9,7 +9,7 @@ use pushgate_protocol::server::{
     UNSUBSCRIBED_REVOKED, encode_ack, encode_error, encode_history, encode_pong, encode_presence,
     encode_subscribed, encode_unsubscribed,
 };
-use pushgate_protocol::{ClientFrame, ErrorCode, Target, validate_channel};
+use pushgate_protocol::{ClientFrame, ErrorCode, Target};
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -87,7 +87,7 @@ where
             ClientFrame::Unsubscribe { id, channel } => self.unsubscribe(id, &channel).await,
             ClientFrame::Presence { id, channel } => self.presence(id, &channel).await,
             ClientFrame::Publish { id, channel, data } => {
-                if let Err(e) = validate_channel(&channel) {
+                if let Err(e) = self.node.validate_channel(&channel) {
                     let reply =
                         encode_error(Some(id), ErrorCode::BadRequest, &format!("channel {e}"));
                     return self.publish_refused(reply).await;
@@ -159,7 +159,7 @@ where
 
     /// Why this connection may not read `channel` (subscribe, presence), if it may not.
     pub(super) fn may_read(&self, channel: &str) -> Option<(ErrorCode, String)> {
-        if let Err(e) = validate_channel(channel) {
+        if let Err(e) = self.node.validate_channel(channel) {
             return Some((ErrorCode::BadRequest, format!("channel {e}")));
         }
         if !self.grant.subscribe.allows(channel) {

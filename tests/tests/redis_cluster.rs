@@ -1,0 +1,229 @@
+//! Nodes on a Redis Cluster (`--redis-cluster`): sharded Pub/Sub (`SPUBLISH`, `SSUBSCRIBE`), so
+//! each message crosses one shard; history and presence keys in the slot of their channel's
+//! topic; failover of a shard's primary.
+//!
+//! Each test starts its own cluster of six `redis-server`s (three primaries, three replicas).
+
+use std::time::{Duration, Instant};
+
+use pushgate_protocol::ErrorCode;
+use pushgate_protocol::server::ServerFrame;
+use pushgate_tests::{Client, NodeProcess, RedisCluster, api, eventually, token};
+use serde_json::{Value, json};
+
+const GRANTS: &[&str] = &["room:*", "chat:*"];
+
+async fn connect(node: &NodeProcess, user: &str) -> Client {
+    let client = Client::connect(&node.ws_url(), &token(user, GRANTS, GRANTS))
+        .await
+        .unwrap_or_else(|r| panic!("{user} refused by {}: {r:?}", node.id));
+    assert_eq!(client.node, node.id);
+    client
+}
+
+/// Three nodes on `cluster`, ready.
+async fn nodes(cluster: &RedisCluster, extra: &[&str]) -> Vec<NodeProcess> {
+    let urls = cluster.urls();
+    let mut flags = vec!["--redis-cluster", urls.as_str(), "--redis-timeout", "1s"];
+    flags.extend_from_slice(extra);
+    let mut nodes = Vec::new();
+    for id in ["n1", "n2", "n3"] {
+        nodes.push(NodeProcess::spawn(id, None, &flags).await);
+    }
+    for node in &nodes {
+        node.wait_ready(200).await;
+        node.wait_broker(true).await;
+    }
+    nodes
+}
+
+async fn api_publish(node: &NodeProcess, body: Value) {
+    let (status, reply) = api(&node.base(), "/api/publish", &body).await;
+    assert_eq!(status, 200, "publish {body} on {}: {reply}", node.id);
+}
+
+fn acked(reply: &ServerFrame) -> bool {
+    matches!(reply, ServerFrame::Ack { .. })
+}
+
+#[tokio::test]
+async fn channels_users_broadcasts_and_history_cross_nodes_over_sharded_pubsub() {
+    let cluster = RedisCluster::start().await;
+    let nodes = nodes(&cluster, &["--history", "chat:*=100/10m"]).await;
+    let mut subscribers = Vec::new();
+    for node in &nodes {
+        let mut s = connect(node, "sub").await;
+        s.subscribe("room:c").await;
+        subscribers.push(s);
+    }
+    let mut publisher = connect(&nodes[0], "pub").await;
+    let mut carol = connect(&nodes[2], "carol").await;
+
+    // A client's publish, an API publish, a backend's SPUBLISH: every subscriber, every node.
+    assert!(acked(&publisher.publish("room:c", json!("client")).await));
+    api_publish(&nodes[1], json!({"channel": "room:c", "data": "api"})).await;
+    cluster.spublish("pushgate:ch:room:c", r#"{"data":"backend"}"#);
+    for s in &mut subscribers {
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.push(s.message().await.data);
+        }
+        assert_eq!(got, [json!("client"), json!("api"), json!("backend")]);
+    }
+    // A user on n3, from n1; a broadcast from n2 to everyone.
+    api_publish(&nodes[0], json!({"user": "carol", "data": "to-carol"})).await;
+    assert_eq!(carol.message().await.data, json!("to-carol"));
+    api_publish(&nodes[1], json!({"broadcast": true, "data": "all"})).await;
+    assert_eq!(carol.message().await.data, json!("all"));
+    for s in &mut subscribers {
+        assert_eq!(s.message().await.data, json!("all"));
+    }
+
+    // History: stored and published on the shard of the channel's topic, recovered elsewhere.
+    let mut reader = connect(&nodes[1], "reader").await;
+    reader.subscribe("chat:1").await;
+    for i in 1..=3 {
+        assert!(acked(&publisher.publish("chat:1", json!(i)).await));
+    }
+    let first = reader.message().await.position().expect("a position");
+    assert_eq!(first.offset, 1);
+    let mut late = connect(&nodes[2], "late").await;
+    let subscribed = late.subscribe_since("chat:1", Some(&first)).await;
+    assert_eq!(subscribed.recovered, Some(true), "{subscribed:?}");
+    for i in 2..=3 {
+        let m = late.message().await;
+        assert_eq!((m.data, m.offset), (json!(i), Some(i)));
+    }
+
+    // Braces would break the hash tag that keeps a channel's keys in its topic's slot.
+    match publisher
+        .request(json!({"type": "subscribe", "channel": "room:{x}"}))
+        .await
+    {
+        ServerFrame::Error { code, message, .. } => {
+            assert_eq!(code, ErrorCode::BadRequest);
+            assert_eq!(message, "channel must not contain { or } on Redis Cluster");
+        }
+        other => panic!("expected bad_request, got {other:?}"),
+    }
+}
+
+/// `INFO commandstats` calls of `command` on the server at `index`.
+async fn calls(cluster: &RedisCluster, index: usize, command: &str) -> u64 {
+    let stats: String = cluster.servers[index]
+        .command_as(&["INFO", "commandstats"])
+        .await
+        .expect("INFO commandstats");
+    let prefix = format!("cmdstat_{command}:calls=");
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().expect("a count"))
+}
+
+#[tokio::test]
+async fn sharding_is_real_publishes_spread_over_every_primary() {
+    let cluster = RedisCluster::start().await;
+    let nodes = nodes(&cluster, &[]).await;
+    let primaries = cluster.primaries().await;
+    assert_eq!(primaries.len(), 3);
+    let before: Vec<u64> =
+        futures_util::future::join_all(primaries.iter().map(|&p| calls(&cluster, p, "spublish")))
+            .await;
+
+    // 300 channels, published through all three nodes.
+    let mut watcher = connect(&nodes[2], "watcher").await;
+    watcher.subscribe("room:299").await;
+    for i in 0..300 {
+        let node = &nodes[i % 3];
+        api_publish(node, json!({"channel": format!("room:{i}"), "data": i})).await;
+    }
+    assert_eq!(watcher.message().await.data, json!(299));
+
+    let mut spread = Vec::new();
+    for (&p, before) in primaries.iter().zip(before) {
+        spread.push(calls(&cluster, p, "spublish").await - before);
+        assert_eq!(
+            calls(&cluster, p, "publish").await,
+            0,
+            "a plain PUBLISH on {p}"
+        );
+        assert_eq!(calls(&cluster, p, "psubscribe").await, 0);
+        assert_eq!(calls(&cluster, p, "subscribe").await, 0);
+    }
+    let total: u64 = spread.iter().sum();
+    println!("sharded pubsub: SPUBLISH per primary {spread:?} of {total}");
+    assert!(total >= 300, "{spread:?}");
+    for n in &spread {
+        assert!(*n > 0 && *n * 2 <= total, "{spread:?}");
+    }
+
+    // One subscriber connection per node on each primary, at most.
+    for &p in &primaries {
+        let list: String = cluster.servers[p]
+            .command_as(&["CLIENT", "LIST"])
+            .await
+            .expect("CLIENT LIST");
+        let subscribers = list.lines().filter(|l| !l.contains(" ssub=0 ")).count();
+        assert!(subscribers <= nodes.len(), "{p}: {list}");
+    }
+}
+
+#[tokio::test]
+async fn a_primarys_death_is_followed_and_delivery_resumes_within_seconds() {
+    let mut cluster = RedisCluster::start().await;
+    let nodes = nodes(&cluster, &["--redis-probe-interval", "500ms"]).await;
+    let mut subscribers = Vec::new();
+    for node in &nodes {
+        let mut s = connect(node, "sub").await;
+        s.subscribe("room:busy").await;
+        subscribers.push(s);
+    }
+    api_publish(&nodes[0], json!({"channel": "room:busy", "data": "before"})).await;
+    for s in &mut subscribers {
+        assert_eq!(s.message().await.data, json!("before"));
+    }
+
+    let victim = (cluster.primary_of("pushgate:ch:room:busy").await).expect("a primary");
+    cluster.servers[victim].stop();
+    let killed = Instant::now();
+    // The shard's replica takes over after cluster-node-timeout (2 s).
+    eventually("a replica promoted for room:busy", || async {
+        cluster
+            .primary_of("pushgate:ch:room:busy")
+            .await
+            .is_some_and(|p| p != victim)
+    })
+    .await;
+    cluster.wait_healthy().await;
+    let promoted = Instant::now();
+
+    // Publishing through every node works again, and reaches everyone.
+    for (i, node) in nodes.iter().enumerate() {
+        eventually(&format!("a publish through {}", node.id), || async {
+            let body = json!({"channel": "room:busy", "data": format!("probe-{i}")});
+            api(&node.base(), "/api/publish", &body).await.0 == 200
+        })
+        .await;
+    }
+    let resumed = promoted.elapsed();
+    println!(
+        "cluster failover: promoted {:?} after the kill, publishing resumed {resumed:?} later",
+        promoted - killed
+    );
+    assert!(resumed < Duration::from_secs(5), "{resumed:?}");
+    api_publish(&nodes[2], json!({"channel": "room:busy", "data": "after"})).await;
+    for s in &mut subscribers {
+        let mut got = Vec::new();
+        while got.last() != Some(&json!("after")) {
+            got.push(s.message().await.data);
+        }
+        assert!(
+            got.iter().all(
+                |d| *d == json!("after") || d.as_str().is_some_and(|p| p.starts_with("probe-"))
+            ),
+            "{got:?}"
+        );
+    }
+}
