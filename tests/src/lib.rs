@@ -1393,6 +1393,49 @@ impl RedisCluster {
         None
     }
 
+    /// Moves the slot of `key`, with its keys, from its primary to the primary `to`, as a live
+    /// reshard does (`IMPORTING`/`MIGRATING`, `MIGRATE`, `SETSLOT NODE`).
+    pub async fn move_slot(&self, key: &str, to: usize) {
+        let from = (self.primary_of(key).await).expect("a primary for the key");
+        assert_ne!(from, to, "the slot is on that primary already");
+        let (src, dst) = (&self.servers[from], &self.servers[to]);
+        let slot: i64 = (src.command_as(&["CLUSTER", "KEYSLOT", key]).await).expect("KEYSLOT");
+        let slot = slot.to_string();
+        let myid = ["CLUSTER", "MYID"];
+        let src_id: String = (src.command_as(&myid).await).expect("CLUSTER MYID");
+        let dst_id: String = (dst.command_as(&myid).await).expect("CLUSTER MYID");
+        dst.command(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &src_id])
+            .await;
+        src.command(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &dst_id])
+            .await;
+        loop {
+            let keys: Vec<String> = (src
+                .command_as(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"])
+                .await)
+                .expect("GETKEYSINSLOT");
+            if keys.is_empty() {
+                break;
+            }
+            let port = dst.port.to_string();
+            let mut migrate = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            migrate.extend(keys.iter().map(String::as_str));
+            src.command(&migrate).await;
+        }
+        // The new owner first, then the old one, then the rest (the primaries): the order of a
+        // reshard.
+        let mut order = vec![to, from];
+        order.extend(
+            (self.primaries().await)
+                .into_iter()
+                .filter(|p| *p != to && *p != from),
+        );
+        for i in order {
+            self.servers[i]
+                .command(&["CLUSTER", "SETSLOT", &slot, "NODE", &dst_id])
+                .await;
+        }
+    }
+
     /// The indexes of the servers that are primaries now.
     pub async fn primaries(&self) -> Vec<usize> {
         let mut primaries = Vec::new();

@@ -25,6 +25,7 @@ use std::pin::Pin;
 use futures_util::StreamExt;
 use futures_util::future::try_join_all;
 use pushgate_protocol::NodeMessage;
+use redis::Value;
 use redis::aio::PubSubSink;
 use redis::cluster_async::ClusterConnection;
 use tokio::sync::{Notify, oneshot};
@@ -214,6 +215,23 @@ impl RedisBroker {
             && self.is_ready()
         {
             let _ = tokio::time::timeout(self.timeout, active).await;
+        }
+    }
+
+    /// Subscribes `topic` again if it is still held: the server ended its subscription.
+    fn resubscribe(&self, topic: &str) {
+        let mut wanted = self.wanted();
+        if let Some(entry) = wanted.get_mut(topic)
+            && entry.holds > 0
+            && entry.active
+        {
+            entry.active = false;
+            drop(wanted);
+            debug!(
+                topic,
+                "redis ended a subscription that is still held; subscribing again"
+            );
+            self.changed.notify_one();
         }
     }
 
@@ -528,14 +546,26 @@ impl RedisBroker {
         }
         let (broker, inbound) = (Arc::downgrade(self), inbound.clone());
         let pushes = move |push: redis::PushInfo| {
-            if push.kind == redis::PushKind::SMessage
-                && let [
-                    redis::Value::BulkString(topic),
-                    redis::Value::BulkString(payload),
-                ] = &push.data[..]
-                && let (Some(broker), Ok(topic)) = (broker.upgrade(), std::str::from_utf8(topic))
-            {
-                broker.on_message(topic, payload, &inbound);
+            let Some(broker) = broker.upgrade() else {
+                return Ok(());
+            };
+            match (&push.kind, &push.data[..]) {
+                (
+                    redis::PushKind::SMessage,
+                    [Value::BulkString(topic), Value::BulkString(payload)],
+                ) => {
+                    if let Ok(topic) = std::str::from_utf8(topic) {
+                        broker.on_message(topic, payload, &inbound);
+                    }
+                }
+                // A shard lost the topic's slot (a reshard moved it): subscribe again, on the
+                // slot's new owner.
+                (redis::PushKind::SUnsubscribe, [Value::BulkString(topic), ..]) => {
+                    if let Ok(topic) = std::str::from_utf8(topic) {
+                        broker.resubscribe(topic);
+                    }
+                }
+                _ => {}
             }
             Ok::<(), std::convert::Infallible>(())
         };
@@ -755,7 +785,6 @@ async fn shard_probe_topics(
     conn: &mut ClusterConnection,
     node_topic: &str,
 ) -> Result<Vec<String>, BrokerError> {
-    use redis::Value;
     let error = |e: redis::RedisError| BrokerError::Redis(e.to_string());
     let slots: Vec<Value> = redis::cmd("CLUSTER")
         .arg("SLOTS")
@@ -865,7 +894,6 @@ pub fn parse_position(value: redis::Value) -> Result<(u64, String), BrokerError>
 }
 
 fn parse_history(value: redis::Value) -> Option<HistoryEntries> {
-    use redis::Value;
     let text = |v: Value| match v {
         Value::BulkString(b) => String::from_utf8(b).ok(),
         Value::SimpleString(s) => Some(s),
