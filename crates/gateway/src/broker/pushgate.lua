@@ -29,29 +29,55 @@ local function run_id()
   return this_run_id
 end
 
--- Publishes on a node topic: with PUBLISH, or on Redis Cluster with SPUBLISH, since nodes there
--- subscribe to shard channels. Which one is read once per process, like the run ID.
-local publish_command
-local function publish_to(topic, payload)
-  if not publish_command then
+-- On Redis Cluster, this server's node ID; false elsewhere. Read once per process.
+local this_node_id
+local function node_id()
+  if this_node_id == nil then
     local cluster = string.find(redis.call('INFO', 'cluster'), 'cluster_enabled:1', 1, true)
-    publish_command = cluster and 'SPUBLISH' or 'PUBLISH'
+    this_node_id = cluster and redis.call('CLUSTER', 'MYID') or false
   end
-  redis.call(publish_command, topic, payload)
+  return this_node_id
+end
+
+-- Publishes on a node topic: with PUBLISH, or on Redis Cluster with SPUBLISH, since nodes there
+-- subscribe to shard channels.
+local function publish_to(topic, payload)
+  redis.call(node_id() and 'SPUBLISH' or 'PUBLISH', topic, payload)
+end
+
+-- Whether the cluster node `id` is a primary in good standing now (not failed, not a replica).
+local function live_primary(id)
+  for line in string.gmatch(redis.call('CLUSTER', 'NODES'), '[^\n]+') do
+    local node, flags = string.match(line, '^(%x+) %S+ (%S+)')
+    if node == id then
+      return string.find(flags, 'master', 1, true) ~= nil
+        and not string.find(flags, 'fail', 1, true)
+    end
+  end
+  return false
 end
 
 -- The channel's epoch; a new one (and an empty stream, so that offsets restart) when the meta
--- hash is missing (never created, expired, or deleted), or was written by another Redis process.
--- Replication and AOF fsync are asynchronous: a promoted replica, or a Redis restarted from an
--- AOF, may lack the last offsets handed out, and must not hand them out again in the same epoch.
+-- hash is missing (never created, expired, or deleted), or was written by another Redis process
+-- that may have handed out offsets this one lacks. Replication and AOF fsync are asynchronous: a
+-- promoted replica, or a Redis restarted from an AOF, may lack the last offsets handed out, and
+-- must not hand them out again in the same epoch. Keys that a reshard moved here from another
+-- primary (MIGRATE moves them whole) keep their epoch, as long as that primary is still up.
 local function ensure_epoch(stream, meta, ttl)
-  local epoch, server = unpack(redis.call('HMGET', meta, 'epoch', 'server'))
-  local me = run_id()
-  if not epoch or server ~= me then
+  local epoch, server, node = unpack(redis.call('HMGET', meta, 'epoch', 'server', 'node'))
+  local me, my_node = run_id(), node_id() or ''
+  if epoch and server ~= me then
+    if my_node ~= '' and node and node ~= my_node and live_primary(node) then
+      redis.call('HSET', meta, 'server', me, 'node', my_node)
+    else
+      epoch = nil
+    end
+  end
+  if not epoch then
     local t = redis.call('TIME')
     epoch = string.sub(redis.sha1hex(meta .. ':' .. me .. ':' .. t[1] .. ':' .. t[2]), 1, 16)
     redis.call('DEL', stream)
-    redis.call('HSET', meta, 'epoch', epoch, 'offset', 0, 'server', me)
+    redis.call('HSET', meta, 'epoch', epoch, 'offset', 0, 'server', me, 'node', my_node)
     redis.call('PEXPIRE', meta, ttl)
   end
   return epoch

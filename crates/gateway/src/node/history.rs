@@ -183,7 +183,11 @@ impl Node {
                     self.hub.lost_at(&channel, &epoch);
                 }
                 Err(e) => {
-                    warn!(%channel, error = %e, "history catch-up failed; subscribers recover at the next message");
+                    // What was missed is unknown, and the epoch may have changed (a shard whose
+                    // primary died can be up again with another epoch): its subscribers recover
+                    // by themselves, resubscribing with their positions.
+                    warn!(%channel, error = %e, "history catch-up failed; subscribers recover");
+                    self.hub.lost_at(&channel, &epoch);
                 }
             }
         }
