@@ -49,9 +49,10 @@ fn acked(reply: &ServerFrame) -> bool {
 }
 
 #[tokio::test]
-async fn channels_users_broadcasts_and_history_cross_nodes_over_sharded_pubsub() {
+async fn channels_users_broadcasts_history_and_presence_cross_nodes_over_sharded_pubsub() {
     let cluster = RedisCluster::start().await;
-    let nodes = nodes(&cluster, &["--history", "chat:*=100/10m"]).await;
+    let flags = ["--history", "chat:*=100/10m", "--presence", "room:c"];
+    let nodes = nodes(&cluster, &flags).await;
     let mut subscribers = Vec::new();
     for node in &nodes {
         let mut s = connect(node, "sub").await;
@@ -80,6 +81,14 @@ async fn channels_users_broadcasts_and_history_cross_nodes_over_sharded_pubsub()
     for s in &mut subscribers {
         assert_eq!(s.message().await.data, json!("all"));
     }
+
+    // Presence: the entries of every node, in the keys of the channel's slot.
+    let mut present: Vec<String> = (publisher.presence("room:c").await)
+        .into_iter()
+        .map(|entry| entry.node)
+        .collect();
+    present.sort();
+    assert_eq!(present, ["n1", "n2", "n3"]);
 
     // History: stored and published on the shard of the channel's topic, recovered elsewhere.
     let mut reader = connect(&nodes[1], "reader").await;
