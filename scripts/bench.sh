@@ -18,6 +18,11 @@
 # a rolling restart (SCALE_NODES, SCALE_CONNECTIONS, SCALE_PROCS, SCALE_HOLD; see the case below).
 # Each process may hold at most 20,000 open files here, so no node takes more than that.
 #
+# `shards` runs the same history-room traffic (SHARDS_RATE messages/s over 1,000 rooms, 10,000
+# connections on two nodes) on one Redis and then on a local Redis Cluster (deploy/redis/cluster.sh:
+# three primaries, three replicas), and reports each primary's share of the publishes and the
+# Redis CPU per 1,000 messages. Not run by default.
+#
 # Run it on a quiet machine: the load generator and the servers share the cores.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -150,6 +155,56 @@ for s in "${scenarios[@]}"; do
         --procs "$procs" -c 256 --hold "${SCALE_HOLD:-10m}" --room-rate 200 \
         --room-duration 30s --during "bash scripts/rolling_restart.sh $state"
       stop_nodes; cleanup; pids=(); trap cleanup EXIT ;;
+    shards)
+      rate=${SHARDS_RATE:-1000} duration=${SHARDS_DURATION:-20s}
+      redis_cpu() { # redis_cpu PORT: used_cpu_sys + used_cpu_user, seconds
+        redis-cli -p "$1" INFO cpu | tr -d '\r' |
+          awk -F: '/^used_cpu_(sys|user):/ { s += $2 } END { printf "%.3f", s }'
+      }
+      fcalls() { # fcalls PORT: FCALLs served so far
+        redis-cli -p "$1" INFO commandstats | tr -d '\r' |
+          sed -n 's/^cmdstat_fcall:calls=\([0-9]*\).*/\1/p' | grep . || echo 0
+      }
+      for mode in single cluster; do
+        state=$(mktemp -d)
+        if [[ $mode == single ]]; then
+          start_redis; ports=("$RP"); flags=(--redis-url "redis://127.0.0.1:$RP/")
+        else
+          base=$(free_port)
+          seeds=$(bash deploy/redis/cluster.sh up "$state" "$base" | sed -n 's/^PUSHGATE_REDIS_CLUSTER=//p')
+          trap 'bash deploy/redis/cluster.sh down "$state"; cleanup' EXIT
+          ports=($(seq "$base" $((base + 5)))); flags=(--redis-cluster "$seeds")
+        fi
+        urls=()
+        for i in 1 2; do
+          p=$(free_port)
+          node "$p" --instance-id "n$i" --workers 1 --history 'room:*=1000/10m' "${flags[@]}"
+          wait_http "http://127.0.0.1:$p/readyz"; urls+=("ws://127.0.0.1:$p/ws")
+        done
+        declare -A cpu0=() calls0=()
+        for p in "${ports[@]}"; do cpu0[$p]=$(redis_cpu "$p"); calls0[$p]=$(fcalls "$p"); done
+        run "shards-$mode" $B scale --url "$(IFS=,; echo "${urls[*]}")" -n 10000 --rooms 1000 \
+          --procs 2 -c 256 --hold 2s --broadcasts 1 --room-rate "$rate" --room-duration "$duration"
+        total_calls=0 total_cpu=0
+        for p in "${ports[@]}"; do
+          c=$(( $(fcalls "$p") - ${calls0[$p]} ))
+          total_calls=$((total_calls + c))
+          total_cpu=$(echo "$total_cpu + $(redis_cpu "$p") - ${cpu0[$p]}" | bc)
+        done
+        {
+          echo "redis ($mode): $total_calls room messages (FCALL), Redis CPU ${total_cpu}s in all," \
+            "$(echo "scale=2; 1000 * 1000 * $total_cpu / $total_calls" | bc) ms per 1,000 messages"
+          for p in "${ports[@]}"; do
+            role=$(redis-cli -p "$p" INFO replication | tr -d '\r' | sed -n 's/^role://p')
+            c=$(( $(fcalls "$p") - ${calls0[$p]} ))
+            cpu=$(echo "$(redis_cpu "$p") - ${cpu0[$p]}" | bc)
+            echo "  :$p $role: $c FCALL ($(( 100 * c / (total_calls > 0 ? total_calls : 1) ))%), CPU ${cpu}s"
+          done
+        } | tee -a "$out/shards-$mode.txt"
+        cleanup; pids=()
+        [[ $mode == cluster ]] && bash deploy/redis/cluster.sh down "$state"
+        trap cleanup EXIT; rm -rf "$state"
+      done ;;
     socketio)
       sio=crates/bench/socketio
       [[ -d $sio/node_modules ]] || (cd "$sio" && npm ci --no-audit --no-fund)

@@ -1453,6 +1453,69 @@ impl RedisCluster {
     }
 }
 
+/// A local Redis setup started by a script of `deploy/redis/` (`up DIR BASE_PORT`), stopped
+/// (`down DIR`) when dropped.
+pub struct ScriptedRedis {
+    script: PathBuf,
+    dir: Scratch,
+    /// The `KEY=value` lines the script printed.
+    settings: Vec<(String, String)>,
+}
+
+impl ScriptedRedis {
+    /// Runs `script` (a path in the repository) on `ports` consecutive free ports.
+    pub fn up(script: &str, ports: u16) -> Self {
+        let script = repo_root().join(script);
+        let dir = Scratch::new("scripted-redis");
+        let out = run(Command::new("bash").arg(&script).args([
+            "up",
+            &dir.path(""),
+            &free_ports(ports).to_string(),
+        ]));
+        let settings = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Self {
+            script,
+            dir,
+            settings,
+        }
+    }
+
+    /// A setting the script printed.
+    pub fn get(&self, key: &str) -> &str {
+        (self.settings.iter())
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("the script printed no {key}: {:?}", self.settings))
+    }
+}
+
+impl Drop for ScriptedRedis {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(&self.script)
+            .args(["down", &self.dir.path("")])
+            .status();
+    }
+}
+
+/// The first of `n` consecutive ports that nobody listens on right now, with their Redis Cluster
+/// bus ports (10,000 above) free too.
+pub fn free_ports(n: u16) -> u16 {
+    let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+    loop {
+        let first = free_port();
+        if first.checked_add(n + 10_000).is_some()
+            && (first..first + n).all(|p| free(p) && free(p + 10_000))
+        {
+            return first;
+        }
+    }
+}
+
 /// A directory of our own under the system's temporary directory, removed on drop.
 pub struct Scratch(PathBuf);
 

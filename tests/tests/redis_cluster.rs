@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use pushgate_protocol::ErrorCode;
 use pushgate_protocol::server::ServerFrame;
-use pushgate_tests::{Client, NodeProcess, RedisCluster, api, eventually, token};
+use pushgate_tests::{Client, NodeProcess, RedisCluster, ScriptedRedis, api, eventually, token};
 use serde_json::{Value, json};
 
 const GRANTS: &[&str] = &["room:*", "chat:*"];
@@ -367,4 +367,17 @@ async fn a_live_reshard_of_a_busy_history_channel_loses_nothing_and_keeps_its_ep
         "cluster reshard: the end reached everyone {:?} after the move",
         moved.elapsed()
     );
+}
+
+#[tokio::test]
+async fn the_local_cluster_script_starts_a_cluster_that_nodes_use() {
+    let setup = ScriptedRedis::up("deploy/redis/cluster.sh", 6);
+    let seeds = ["--redis-cluster", setup.get("PUSHGATE_REDIS_CLUSTER")];
+    let node = NodeProcess::spawn("n1", None, &seeds).await;
+    node.wait_ready(200).await;
+    node.wait_broker(true).await;
+    let mut client = connect(&node, "alice").await;
+    client.subscribe("room:script").await;
+    api_publish(&node, json!({"channel": "room:script", "data": "sharded"})).await;
+    assert_eq!(client.message().await.data, json!("sharded"));
 }

@@ -2,15 +2,12 @@
 //! share channels as on one Redis, and follow a failover to the promoted replica by themselves;
 //! with `--history-min-replicas` a history publish is acknowledged only once replicas have it.
 
-use std::net::TcpListener;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pushgate_protocol::ErrorCode;
 use pushgate_protocol::server::ServerFrame;
 use pushgate_tests::{
-    Client, NodeProcess, RedisServer, Scratch, SentinelSet, api, eventually, free_port, metric,
-    repo_root, run, token,
+    Client, NodeProcess, RedisServer, ScriptedRedis, SentinelSet, api, eventually, metric, token,
 };
 use serde_json::{Value, json};
 
@@ -218,59 +215,9 @@ async fn history_publishes_wait_for_the_replicas_asked_for() {
     assert!(matches!(reply, ServerFrame::Ack { .. }), "{reply:?}");
 }
 
-/// `deploy/redis/sentinel.sh up`, and `down` when dropped.
-struct ScriptedSentinels {
-    dir: Scratch,
-    /// The `KEY=value` lines the script printed.
-    settings: Vec<(String, String)>,
-}
-
-impl ScriptedSentinels {
-    fn up() -> Self {
-        let dir = Scratch::new("sentinel-script");
-        let out = run(Command::new("bash")
-            .arg(repo_root().join("deploy/redis/sentinel.sh"))
-            .args(["up", &dir.path(""), &free_ports(5).to_string()]));
-        let settings = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        Self { dir, settings }
-    }
-
-    fn get(&self, key: &str) -> &str {
-        (self.settings.iter())
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-            .unwrap_or_else(|| panic!("the script printed no {key}: {:?}", self.settings))
-    }
-}
-
-impl Drop for ScriptedSentinels {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(repo_root().join("deploy/redis/sentinel.sh"))
-            .args(["down", &self.dir.path("")])
-            .status();
-    }
-}
-
-/// The first of `n` consecutive ports that nobody listens on right now.
-fn free_ports(n: u16) -> u16 {
-    loop {
-        let first = free_port();
-        if first.checked_add(n).is_some()
-            && (first..first + n).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok())
-        {
-            return first;
-        }
-    }
-}
-
 #[tokio::test]
 async fn the_local_sentinel_script_starts_a_setup_that_nodes_use() {
-    let setup = ScriptedSentinels::up();
+    let setup = ScriptedRedis::up("deploy/redis/sentinel.sh", 5);
     let flags = [
         "--redis-sentinel",
         setup.get("PUSHGATE_REDIS_SENTINEL"),
