@@ -8,26 +8,12 @@
 # `up` waits until every member reports `cluster_state:ok` and every replica is in sync, then
 # prints the setting for the nodes. DIR holds the cluster configuration files, pid files and logs.
 set -euo pipefail
-
-usage() {
-  echo "usage: $0 up DIR [BASE_PORT] | down DIR" >&2
-  exit 2
-}
+# shellcheck source=deploy/redis/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 action="${1:-}"
 dir="${2:-}"
 [[ -n "$action" && -n "$dir" ]] || usage
-
-wait_for() { # what, command...
-  local what="$1"
-  shift
-  for _ in $(seq 1 200); do
-    if "$@" >/dev/null 2>&1; then return 0; fi
-    sleep 0.1
-  done
-  echo "cluster.sh: timed out waiting for $what" >&2
-  exit 1
-}
 
 case "$action" in
 up)
@@ -59,11 +45,7 @@ up)
   )"
   ;;
 down)
-  for pidfile in "$dir"/*.pid; do
-    [[ -e "$pidfile" ]] || continue
-    kill "$(cat "$pidfile")" 2>/dev/null || true
-    rm -f "$pidfile"
-  done
+  stop_all "$dir"
   ;;
 *)
   usage

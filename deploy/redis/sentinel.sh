@@ -9,27 +9,13 @@
 # `up` waits until the replica is in sync and every sentinel knows it, then prints the
 # settings for the nodes. DIR holds the configuration files, pid files and logs.
 set -euo pipefail
-
-usage() {
-  echo "usage: $0 up DIR [BASE_PORT] | down DIR" >&2
-  exit 2
-}
+# shellcheck source=deploy/redis/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 master=pushgate-main
 action="${1:-}"
 dir="${2:-}"
 [[ -n "$action" && -n "$dir" ]] || usage
-
-wait_for() { # what, command...
-  local what="$1"
-  shift
-  for _ in $(seq 1 100); do
-    if "$@" >/dev/null 2>&1; then return 0; fi
-    sleep 0.1
-  done
-  echo "sentinel.sh: timed out waiting for $what" >&2
-  exit 1
-}
 
 case "$action" in
 up)
@@ -72,11 +58,7 @@ EOF
   echo "PUSHGATE_REDIS_SENTINEL_MASTER=$master"
   ;;
 down)
-  for pidfile in "$dir"/*.pid; do
-    [[ -e "$pidfile" ]] || continue
-    kill "$(cat "$pidfile")" 2>/dev/null || true
-    rm -f "$pidfile"
-  done
+  stop_all "$dir"
   ;;
 *)
   usage

@@ -420,6 +420,15 @@ impl NodeProcess {
         }
     }
 
+    /// A client of this node for `user`, who may subscribe and publish on `grants`.
+    pub async fn client(&self, user: &str, grants: &[&str]) -> Client {
+        let client = Client::connect(&self.ws_url(), &token(user, grants, grants))
+            .await
+            .unwrap_or_else(|r| panic!("{user} refused by {}: {r:?}", self.id));
+        assert_eq!(client.node, self.id);
+        client
+    }
+
     /// What `/healthz` answers now.
     pub async fn health(&self) -> serde_json::Value {
         reqwest::get(self.url("/healthz"))

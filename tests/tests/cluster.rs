@@ -47,6 +47,20 @@ async fn publish_acked(client: &mut Client, channel: &str, data: Value) {
     );
 }
 
+/// `reply` is an `unavailable` error.
+fn assert_unavailable(reply: &ServerFrame) {
+    assert!(
+        matches!(
+            reply,
+            ServerFrame::Error {
+                code: ErrorCode::Unavailable,
+                ..
+            }
+        ),
+        "{reply:?}"
+    );
+}
+
 /// The one delivery whose `data` is the string `data`.
 fn find<'a>(deliveries: &'a [Delivery], data: &str) -> &'a Delivery {
     let mut matching = deliveries.iter().filter(|d| d.data == json!(data));
@@ -557,16 +571,7 @@ async fn redis_outage_keeps_local_delivery_and_recovers_without_restarting_nodes
     }
     // A client publish is delivered on its own node, and says the rest of the cluster missed it.
     let reply = publisher.publish("room:r", json!("during")).await;
-    assert!(
-        matches!(
-            reply,
-            ServerFrame::Error {
-                code: ErrorCode::Unavailable,
-                ..
-            }
-        ),
-        "{reply:?}"
-    );
+    assert_unavailable(&reply);
     let local = subscribers[0].message().await;
     assert_eq!(local.data, json!("during"));
     assert_eq!(local.from.as_deref(), Some("alice"));
@@ -574,16 +579,7 @@ async fn redis_outage_keeps_local_delivery_and_recovers_without_restarting_nodes
     let reply = subscribers[0]
         .request(json!({"type": "subscribe", "channel": "room:new"}))
         .await;
-    assert!(
-        matches!(
-            reply,
-            ServerFrame::Error {
-                code: ErrorCode::Unavailable,
-                ..
-            }
-        ),
-        "{reply:?}"
-    );
+    assert_unavailable(&reply);
     let mut late = connect(&cluster.nodes[2], "carol").await;
     // What is given up during the outage is not subscribed again.
     let reply = leaving
@@ -804,16 +800,7 @@ async fn a_paused_redis_is_detected_by_the_liveness_probe() {
     }
     let started = Instant::now();
     let reply = local.publish("room:local", json!("paused")).await;
-    assert!(
-        matches!(
-            reply,
-            ServerFrame::Error {
-                code: ErrorCode::Unavailable,
-                ..
-            }
-        ),
-        "{reply:?}"
-    );
+    assert_unavailable(&reply);
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "a publish waits at most the Redis timeout ({:?})",
@@ -956,16 +943,7 @@ async fn a_node_cut_off_from_redis_alone_is_unready_and_refuses_new_clients_unti
         .expect("a node cut off from Redis refuses new connections");
     assert_eq!(refused.status, 503, "{:?}", refused.body);
     let reply = kept.publish("room:kept", json!("local")).await;
-    assert!(
-        matches!(
-            reply,
-            ServerFrame::Error {
-                code: ErrorCode::Unavailable,
-                ..
-            }
-        ),
-        "{reply:?}"
-    );
+    assert_unavailable(&reply);
     assert_eq!(kept.message().await.data, json!("local"));
 
     proxy.restore();

@@ -7,18 +7,13 @@ use std::time::{Duration, Instant};
 use pushgate_protocol::ErrorCode;
 use pushgate_protocol::server::ServerFrame;
 use pushgate_tests::{
-    Client, NodeProcess, RedisServer, ScriptedRedis, SentinelSet, api, eventually, metric, token,
+    Client, NodeProcess, RedisServer, ScriptedRedis, SentinelSet, api, eventually, metric,
 };
 use serde_json::{Value, json};
 
-const GRANTS: &[&str] = &["room:*", "chat:*"];
-
+/// A client of `node` that may subscribe and publish on `room:*` and `chat:*`.
 async fn connect(node: &NodeProcess, user: &str) -> Client {
-    let client = Client::connect(&node.ws_url(), &token(user, GRANTS, GRANTS))
-        .await
-        .unwrap_or_else(|r| panic!("{user} refused by {}: {r:?}", node.id));
-    assert_eq!(client.node, node.id);
-    client
+    node.client(user, &["room:*", "chat:*"]).await
 }
 
 /// Reads deliveries until `last`; returns them (with `last`) in order.
