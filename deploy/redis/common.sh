@@ -5,10 +5,10 @@ usage() {
   exit 2
 }
 
-wait_for() { # what, command...: runs the command until it succeeds, for up to 20 s
+wait_for() { # what, command...: runs the command until it succeeds, for up to 60 s
   local what="$1"
   shift
-  for _ in $(seq 1 200); do
+  for _ in $(seq 1 600); do
     if "$@" >/dev/null 2>&1; then return 0; fi
     sleep 0.1
   done
