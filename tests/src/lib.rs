@@ -2180,3 +2180,141 @@ impl Drop for JwksServer {
         self.task.abort();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Failover drills: traffic, and what each subscriber saw
+// ---------------------------------------------------------------------------------------------
+
+/// 100 rounds a second, each one message on `chat:busy` and one on `room:busy` (its number as
+/// data), through the API of every node in turn, until stopped.
+pub struct Traffic {
+    publishing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<(u64, u64)>,
+}
+
+impl Traffic {
+    pub fn start(nodes: &[NodeProcess]) -> Self {
+        let publishing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let bases: Vec<String> = nodes.iter().map(NodeProcess::base).collect();
+        let task = tokio::spawn({
+            let publishing = publishing.clone();
+            async move {
+                let (mut sent, mut refused) = (0u64, 0u64);
+                let mut tick = tokio::time::interval(Duration::from_millis(10));
+                while publishing.load(Ordering::Acquire) {
+                    tick.tick().await;
+                    let base = &bases[(sent as usize) % bases.len()];
+                    for channel in ["chat:busy", "room:busy"] {
+                        let body = serde_json::json!({"channel": channel, "data": sent});
+                        if api(base, "/api/publish", &body).await.0 != 200 {
+                            refused += 1;
+                        }
+                    }
+                    sent += 1;
+                }
+                (sent, refused)
+            }
+        });
+        Self { publishing, task }
+    }
+
+    /// Stops publishing; returns the rounds sent and the publishes refused.
+    pub async fn stop(self) -> (u64, u64) {
+        self.publishing.store(false, Ordering::Release);
+        self.task.await.expect("the traffic task")
+    }
+}
+
+/// What one subscriber of `room:busy` and `chat:busy` (a history channel) saw through a
+/// failover, up to the message `"after"` published on each once it was over.
+#[derive(Debug)]
+pub struct FailoverLog {
+    /// `room:busy` deliveries.
+    pub plain: Vec<Value>,
+    /// `chat:busy` deliveries: epoch, offset, data.
+    pub history: Vec<(String, u64, Value)>,
+    /// `chat:busy` ended with a `history_lost` notice.
+    pub told: bool,
+}
+
+impl FailoverLog {
+    /// Reads `client`'s frames until `"after"` on the plain channel, and `"after"` or the end of
+    /// the subscription on the history channel.
+    pub async fn read(client: &mut Client) -> Self {
+        let after = serde_json::json!("after");
+        let mut log = Self {
+            plain: Vec::new(),
+            history: Vec::new(),
+            told: false,
+        };
+        let history_done =
+            |log: &Self| log.told || log.history.last().is_some_and(|(_, _, d)| *d == after);
+        while log.plain.last() != Some(&after) || !history_done(&log) {
+            match client.frame().await {
+                ServerFrame::Message(m) if m.channel.as_deref() == Some("room:busy") => {
+                    log.plain.push(m.data)
+                }
+                ServerFrame::Message(m) => {
+                    let p = m.position().expect("a history position");
+                    log.history.push((p.epoch, p.offset, m.data));
+                }
+                ServerFrame::Unsubscribed { channel, code, .. } => {
+                    assert_eq!(channel, "chat:busy");
+                    assert_eq!(code.as_deref(), Some("history_lost"));
+                    log.told = true;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        log
+    }
+
+    /// The history deliveries' offsets, in runs of one epoch each.
+    pub fn epochs(&self) -> Vec<Vec<u64>> {
+        let mut epochs: Vec<(&str, Vec<u64>)> = Vec::new();
+        for (epoch, offset, _) in &self.history {
+            match epochs.last_mut() {
+                Some((e, run)) if *e == epoch.as_str() => run.push(*offset),
+                _ => epochs.push((epoch.as_str(), vec![*offset])),
+            }
+        }
+        epochs.into_iter().map(|(_, run)| run).collect()
+    }
+
+    /// The promise through a failover: the plain channel resumes with nothing twice; the history
+    /// channel either moves to a new epoch (offsets from 1) or ends with a notice, and within an
+    /// epoch no offset comes twice or out of order and none is skipped.
+    pub fn check(&self, subscriber: usize) {
+        let numbers: Vec<u64> = self.plain.iter().filter_map(Value::as_u64).collect();
+        let mut unique = numbers.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(
+            unique.len(),
+            numbers.len(),
+            "subscriber {subscriber}: a plain message twice"
+        );
+        let epochs = self.epochs();
+        for (n, run) in epochs.iter().enumerate() {
+            let first = if n == 0 { run[0] } else { 1 };
+            let expected: Vec<u64> = (first..first + run.len() as u64).collect();
+            assert_eq!(run, &expected, "subscriber {subscriber}, epoch {n}");
+        }
+        assert!(
+            self.told || epochs.len() == 2,
+            "subscriber {subscriber}: no sign of the failover"
+        );
+    }
+}
+
+impl std::fmt::Display for FailoverLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let counts: Vec<usize> = self.epochs().iter().map(Vec::len).collect();
+        write!(
+            f,
+            "{} plain, history per epoch {counts:?}, told {}",
+            self.plain.len(),
+            self.told
+        )
+    }
+}

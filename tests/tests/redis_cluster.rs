@@ -5,13 +5,13 @@
 //! Each test starts its own cluster of six `redis-server`s (three primaries, three replicas), and
 //! the tests take turns: six servers and three nodes each, on two cores, are enough load.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use pushgate_protocol::ErrorCode;
 use pushgate_protocol::server::ServerFrame;
-use pushgate_tests::{Client, NodeProcess, RedisCluster, ScriptedRedis, api, eventually};
+use pushgate_tests::{
+    Client, FailoverLog, NodeProcess, RedisCluster, ScriptedRedis, Traffic, api, eventually,
+};
 use serde_json::{Value, json};
 
 /// One test at a time (see the module documentation).
@@ -45,46 +45,6 @@ async fn api_publish(node: &NodeProcess, body: Value) {
 
 fn acked(reply: &ServerFrame) -> bool {
     matches!(reply, ServerFrame::Ack { .. })
-}
-
-/// 100 rounds a second, each one message on `chat:busy` and one on `room:busy` (its number as
-/// data), through the API of every node in turn, until stopped.
-struct Traffic {
-    publishing: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<(u64, u64)>,
-}
-
-impl Traffic {
-    fn start(nodes: &[NodeProcess]) -> Self {
-        let publishing = Arc::new(AtomicBool::new(true));
-        let bases: Vec<String> = nodes.iter().map(NodeProcess::base).collect();
-        let task = tokio::spawn({
-            let publishing = publishing.clone();
-            async move {
-                let (mut sent, mut refused) = (0u64, 0u64);
-                let mut tick = tokio::time::interval(Duration::from_millis(10));
-                while publishing.load(Ordering::Acquire) {
-                    tick.tick().await;
-                    let base = &bases[(sent as usize) % bases.len()];
-                    for channel in ["chat:busy", "room:busy"] {
-                        let body = json!({"channel": channel, "data": sent});
-                        if api(base, "/api/publish", &body).await.0 != 200 {
-                            refused += 1;
-                        }
-                    }
-                    sent += 1;
-                }
-                (sent, refused)
-            }
-        });
-        Self { publishing, task }
-    }
-
-    /// Stops publishing; returns the rounds sent and the publishes refused.
-    async fn stop(self) -> (u64, u64) {
-        self.publishing.store(false, Ordering::Release);
-        self.task.await.expect("the traffic task")
-    }
 }
 
 #[tokio::test]
@@ -281,59 +241,9 @@ async fn a_primarys_death_under_traffic_is_followed_and_nothing_is_reused_or_ski
     }
 
     for (i, s) in subscribers.iter_mut().enumerate() {
-        // The plain channel resumes: "after" arrives, nothing twice. The history channel,
-        // whose primary died with offsets its replica may lack, either moves to a new epoch
-        // (offsets from 1) or ends with a notice; within an epoch no offset comes twice or out
-        // of order, and none is skipped.
-        let (mut plain, mut history, mut told) = (Vec::new(), Vec::new(), false);
-        let history_done = |history: &Vec<(String, u64, Value)>, told: bool| {
-            told || history.last().is_some_and(|(_, _, d)| *d == json!("after"))
-        };
-        while plain.last() != Some(&json!("after")) || !history_done(&history, told) {
-            match s.frame().await {
-                ServerFrame::Message(m) if m.channel.as_deref() == Some("room:busy") => {
-                    plain.push(m.data)
-                }
-                ServerFrame::Message(m) => {
-                    let p = m.position().expect("a history position");
-                    history.push((p.epoch, p.offset, m.data));
-                }
-                ServerFrame::Unsubscribed { channel, code, .. } => {
-                    assert_eq!(channel, "chat:busy");
-                    assert_eq!(code.as_deref(), Some("history_lost"));
-                    told = true;
-                }
-                other => panic!("subscriber {i}: {other:?}"),
-            }
-        }
-        let mut numbers: Vec<&Value> = plain.iter().filter(|d| d.is_u64()).collect();
-        numbers.dedup();
-        assert_eq!(
-            numbers.len(),
-            plain.iter().filter(|d| d.is_u64()).count(),
-            "subscriber {i}: a plain message twice"
-        );
-        let mut epochs: Vec<(&str, Vec<u64>)> = Vec::new();
-        for (epoch, offset, _) in &history {
-            match epochs.last_mut() {
-                Some((e, run)) if *e == epoch.as_str() => run.push(*offset),
-                _ => epochs.push((epoch.as_str(), vec![*offset])),
-            }
-        }
-        for (n, (_, run)) in epochs.iter().enumerate() {
-            let first = if n == 0 { run[0] } else { 1 };
-            let expected: Vec<u64> = (first..first + run.len() as u64).collect();
-            assert_eq!(run, &expected, "subscriber {i}, epoch {n}");
-        }
-        let counts: Vec<usize> = epochs.iter().map(|(_, run)| run.len()).collect();
-        println!(
-            "cluster failover: subscriber {i}: {} plain, history per epoch {counts:?}, told {told}",
-            plain.len()
-        );
-        assert!(
-            told || epochs.len() == 2,
-            "subscriber {i}: no sign of the failover"
-        );
+        let log = FailoverLog::read(s).await;
+        println!("cluster failover: subscriber {i}: {log}");
+        log.check(i);
     }
 }
 

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use pushgate_protocol::ErrorCode;
 use pushgate_protocol::server::ServerFrame;
 use pushgate_tests::{
-    Client, NodeProcess, RedisServer, ScriptedRedis, SentinelSet, api, eventually, metric,
+    Client, FailoverLog, NodeProcess, RedisServer, ScriptedRedis, SentinelSet, Traffic, api,
+    eventually, metric,
 };
 use serde_json::{Value, json};
 
@@ -232,4 +233,80 @@ async fn the_local_sentinel_script_starts_a_setup_that_nodes_use() {
     .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(client.message().await.data, json!("through the sentinels"));
+}
+
+#[tokio::test]
+async fn a_primarys_death_under_traffic_is_followed_and_nothing_is_reused_or_skipped_silently() {
+    let mut set = SentinelSet::start().await;
+    let urls = set.urls();
+    let flags = [
+        "--redis-sentinel",
+        urls.as_str(),
+        "--redis-sentinel-master",
+        SentinelSet::MASTER,
+        "--redis-probe-interval",
+        "300ms",
+        "--redis-timeout",
+        "1s",
+        "--history",
+        "chat:*=1000/10m",
+    ];
+    let mut nodes = Vec::new();
+    for id in ["n1", "n2", "n3"] {
+        nodes.push(NodeProcess::spawn(id, None, &flags).await);
+    }
+    let mut subscribers = Vec::new();
+    for node in &nodes {
+        node.wait_ready(200).await;
+        node.wait_broker(true).await;
+        let mut s = connect(node, "sub").await;
+        s.subscribe("room:busy").await;
+        s.subscribe("chat:busy").await;
+        subscribers.push(s);
+    }
+    let traffic = Traffic::start(&nodes);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The primary dies while both channels take 100 messages/s; the sentinels promote the
+    // replica.
+    let old = set.primary_port().await;
+    set.primary().await.stop();
+    let killed = Instant::now();
+    set.wait_failover(old).await;
+    let promoted = Instant::now();
+    for node in &nodes {
+        eventually(&format!("a publish through {}", node.id), || async {
+            let body = json!({"channel": "chat:busy", "data": "probe"});
+            api(&node.base(), "/api/publish", &body).await.0 == 200
+        })
+        .await;
+    }
+    let resumed = promoted.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (sent, refused) = traffic.stop().await;
+    println!(
+        "sentinel failover under traffic: promoted {:?} after the kill, publishing resumed \
+         {resumed:?} later; {sent} rounds, {refused} publishes refused",
+        promoted - killed
+    );
+    assert!(resumed < Duration::from_secs(5), "{resumed:?}");
+    for node in &nodes {
+        // The outage showed in the broker's state, and cleared by itself.
+        assert_eq!(node.health().await["broker"]["ready"], true);
+        assert!(metric(&node.base(), "pushgate_redis_reconnects_total").await >= 2.0);
+    }
+    for channel in ["room:busy", "chat:busy"] {
+        let (status, body) = api(
+            &nodes[2].base(),
+            "/api/publish",
+            &json!({"channel": channel, "data": "after"}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    for (i, s) in subscribers.iter_mut().enumerate() {
+        let log = FailoverLog::read(s).await;
+        println!("sentinel failover under traffic: subscriber {i}: {log}");
+        log.check(i);
+    }
 }
