@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use pushgate_protocol::ErrorCode;
 use pushgate_protocol::server::ServerFrame;
 use pushgate_tests::{
-    Client, FailoverLog, NodeProcess, RedisServer, ScriptedRedis, SentinelSet, Traffic, api,
-    eventually, metric,
+    Client, FailoverLog, NodeProcess, RedisServer, ScriptedRedis, SentinelSet, SseClient, Traffic,
+    api, eventually, metric, token,
 };
 use serde_json::{Value, json};
 
@@ -309,4 +309,68 @@ async fn a_primarys_death_under_traffic_is_followed_and_nothing_is_reused_or_ski
         println!("sentinel failover under traffic: subscriber {i}: {log}");
         log.check(i);
     }
+}
+
+#[tokio::test]
+async fn users_sessions_broadcasts_presence_and_sse_cross_nodes_on_sentinel() {
+    let set = SentinelSet::start().await;
+    let urls = set.urls();
+    let flags = [
+        "--redis-sentinel",
+        urls.as_str(),
+        "--redis-sentinel-master",
+        SentinelSet::MASTER,
+        "--presence",
+        "room:p",
+    ];
+    let (n1, n2) = (
+        NodeProcess::spawn("n1", None, &flags).await,
+        NodeProcess::spawn("n2", None, &flags).await,
+    );
+    for node in [&n1, &n2] {
+        node.wait_ready(200).await;
+        node.wait_broker(true).await;
+    }
+    let mut alice = connect(&n1, "alice").await;
+    let mut bob = connect(&n2, "bob").await;
+    let publish = |node: &NodeProcess, body: Value| {
+        let base = node.base();
+        async move {
+            let (status, reply) = api(&base, "/api/publish", &body).await;
+            assert_eq!(status, 200, "{body}: {reply}");
+        }
+    };
+
+    // A user, a session and everyone, each published on the other node.
+    publish(&n1, json!({"user": "bob", "data": "to-bob"})).await;
+    assert_eq!(bob.message().await.data, json!("to-bob"));
+    publish(
+        &n2,
+        json!({"session": alice.session.clone(), "data": "to-alice"}),
+    )
+    .await;
+    assert_eq!(alice.message().await.data, json!("to-alice"));
+    publish(&n1, json!({"broadcast": true, "data": "all"})).await;
+    assert_eq!(alice.message().await.data, json!("all"));
+    assert_eq!(bob.message().await.data, json!("all"));
+
+    // Presence holds both nodes' entries.
+    alice.subscribe("room:p").await;
+    bob.subscribe("room:p").await;
+    let mut present: Vec<String> = (alice.presence("room:p").await)
+        .into_iter()
+        .map(|entry| entry.node)
+        .collect();
+    present.sort();
+    assert_eq!(present, ["n1", "n2"]);
+
+    // An SSE stream on n1 gets what a client of n2 publishes.
+    let t = token("carol", &["room:*"], &[]);
+    let mut sse = SseClient::connect(&n1.base(), "channel=room:sse", &t, None).await;
+    assert_eq!(sse.status, 200);
+    assert_eq!(sse.event().await.event.as_deref(), Some("welcome"));
+    assert_eq!(sse.event().await.json(), json!({"channel": "room:sse"}));
+    let reply = bob.publish("room:sse", json!("over-sse")).await;
+    assert!(matches!(reply, ServerFrame::Ack { .. }), "{reply:?}");
+    assert_eq!(sse.event().await.json()["data"], json!("over-sse"));
 }
