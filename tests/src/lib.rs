@@ -2218,6 +2218,26 @@ impl Traffic {
         Self { publishing, task }
     }
 
+    /// Waits until a publish through each of `nodes` succeeds (after a failover).
+    pub async fn wait_accepted(nodes: &[NodeProcess]) {
+        for node in nodes {
+            eventually(&format!("a publish through {}", node.id), || async {
+                let body = serde_json::json!({"channel": "chat:busy", "data": "probe"});
+                api(&node.base(), "/api/publish", &body).await.0 == 200
+            })
+            .await;
+        }
+    }
+
+    /// Publishes `"after"` on both channels through `node`: where [`FailoverLog::read`] stops.
+    pub async fn publish_after(node: &NodeProcess) {
+        for channel in ["room:busy", "chat:busy"] {
+            let body = serde_json::json!({"channel": channel, "data": "after"});
+            let (status, reply) = api(&node.base(), "/api/publish", &body).await;
+            assert_eq!(status, 200, "{body}: {reply}");
+        }
+    }
+
     /// Stops publishing; returns the rounds sent and the publishes refused.
     pub async fn stop(self) -> (u64, u64) {
         self.publishing.store(false, Ordering::Release);

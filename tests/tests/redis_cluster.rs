@@ -220,13 +220,7 @@ async fn a_primarys_death_under_traffic_is_followed_and_nothing_is_reused_or_ski
     let promoted = Instant::now();
 
     // Publishing through every node works again.
-    for node in &nodes {
-        eventually(&format!("a publish through {}", node.id), || async {
-            let body = json!({"channel": "chat:busy", "data": "probe"});
-            api(&node.base(), "/api/publish", &body).await.0 == 200
-        })
-        .await;
-    }
+    Traffic::wait_accepted(&nodes).await;
     let resumed = promoted.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (sent, refused) = traffic.stop().await;
@@ -236,9 +230,7 @@ async fn a_primarys_death_under_traffic_is_followed_and_nothing_is_reused_or_ski
         promoted - killed
     );
     assert!(resumed < Duration::from_secs(5), "{resumed:?}");
-    for channel in ["room:busy", "chat:busy"] {
-        api_publish(&nodes[2], json!({"channel": channel, "data": "after"})).await;
-    }
+    Traffic::publish_after(&nodes[2]).await;
 
     for (i, s) in subscribers.iter_mut().enumerate() {
         let log = FailoverLog::read(s).await;

@@ -26,11 +26,11 @@ async fn data_until(client: &mut Client, last: &Value) -> Vec<Value> {
     got
 }
 
-#[tokio::test]
-async fn nodes_find_the_primary_through_the_sentinels_and_follow_a_failover() {
-    let mut set = SentinelSet::start().await;
+/// Nodes `ids` on the sentinels of `set` (quick probe, 1 s Redis timeout) with `extra` flags,
+/// ready and subscribed.
+async fn nodes(set: &SentinelSet, ids: &[&str], extra: &[&str]) -> Vec<NodeProcess> {
     let urls = set.urls();
-    let flags = [
+    let mut flags = vec![
         "--redis-sentinel",
         urls.as_str(),
         "--redis-sentinel-master",
@@ -39,17 +39,23 @@ async fn nodes_find_the_primary_through_the_sentinels_and_follow_a_failover() {
         "300ms",
         "--redis-timeout",
         "1s",
-        "--history",
-        "chat:*=100/10m",
     ];
+    flags.extend_from_slice(extra);
     let mut nodes = Vec::new();
-    for id in ["n1", "n2", "n3"] {
+    for id in ids {
         nodes.push(NodeProcess::spawn(id, None, &flags).await);
     }
     for node in &nodes {
         node.wait_ready(200).await;
         node.wait_broker(true).await;
     }
+    nodes
+}
+
+#[tokio::test]
+async fn nodes_find_the_primary_through_the_sentinels_and_follow_a_failover() {
+    let mut set = SentinelSet::start().await;
+    let nodes = nodes(&set, &["n1", "n2", "n3"], &["--history", "chat:*=100/10m"]).await;
     let mut subscribers = Vec::new();
     for node in &nodes {
         let mut s = connect(node, "sub").await;
@@ -238,27 +244,9 @@ async fn the_local_sentinel_script_starts_a_setup_that_nodes_use() {
 #[tokio::test]
 async fn a_primarys_death_under_traffic_is_followed_and_nothing_is_reused_or_skipped_silently() {
     let mut set = SentinelSet::start().await;
-    let urls = set.urls();
-    let flags = [
-        "--redis-sentinel",
-        urls.as_str(),
-        "--redis-sentinel-master",
-        SentinelSet::MASTER,
-        "--redis-probe-interval",
-        "300ms",
-        "--redis-timeout",
-        "1s",
-        "--history",
-        "chat:*=1000/10m",
-    ];
-    let mut nodes = Vec::new();
-    for id in ["n1", "n2", "n3"] {
-        nodes.push(NodeProcess::spawn(id, None, &flags).await);
-    }
+    let nodes = nodes(&set, &["n1", "n2", "n3"], &["--history", "chat:*=1000/10m"]).await;
     let mut subscribers = Vec::new();
     for node in &nodes {
-        node.wait_ready(200).await;
-        node.wait_broker(true).await;
         let mut s = connect(node, "sub").await;
         s.subscribe("room:busy").await;
         s.subscribe("chat:busy").await;
@@ -274,13 +262,7 @@ async fn a_primarys_death_under_traffic_is_followed_and_nothing_is_reused_or_ski
     let killed = Instant::now();
     set.wait_failover(old).await;
     let promoted = Instant::now();
-    for node in &nodes {
-        eventually(&format!("a publish through {}", node.id), || async {
-            let body = json!({"channel": "chat:busy", "data": "probe"});
-            api(&node.base(), "/api/publish", &body).await.0 == 200
-        })
-        .await;
-    }
+    Traffic::wait_accepted(&nodes).await;
     let resumed = promoted.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (sent, refused) = traffic.stop().await;
@@ -295,15 +277,7 @@ async fn a_primarys_death_under_traffic_is_followed_and_nothing_is_reused_or_ski
         assert_eq!(node.health().await["broker"]["ready"], true);
         assert!(metric(&node.base(), "pushgate_redis_reconnects_total").await >= 2.0);
     }
-    for channel in ["room:busy", "chat:busy"] {
-        let (status, body) = api(
-            &nodes[2].base(),
-            "/api/publish",
-            &json!({"channel": channel, "data": "after"}),
-        )
-        .await;
-        assert_eq!(status, 200, "{body}");
-    }
+    Traffic::publish_after(&nodes[2]).await;
     for (i, s) in subscribers.iter_mut().enumerate() {
         let log = FailoverLog::read(s).await;
         println!("sentinel failover under traffic: subscriber {i}: {log}");
@@ -314,23 +288,9 @@ async fn a_primarys_death_under_traffic_is_followed_and_nothing_is_reused_or_ski
 #[tokio::test]
 async fn users_sessions_broadcasts_presence_and_sse_cross_nodes_on_sentinel() {
     let set = SentinelSet::start().await;
-    let urls = set.urls();
-    let flags = [
-        "--redis-sentinel",
-        urls.as_str(),
-        "--redis-sentinel-master",
-        SentinelSet::MASTER,
-        "--presence",
-        "room:p",
-    ];
-    let (n1, n2) = (
-        NodeProcess::spawn("n1", None, &flags).await,
-        NodeProcess::spawn("n2", None, &flags).await,
-    );
-    for node in [&n1, &n2] {
-        node.wait_ready(200).await;
-        node.wait_broker(true).await;
-    }
+    let [n1, n2] =
+        <[NodeProcess; 2]>::try_from(nodes(&set, &["n1", "n2"], &["--presence", "room:p"]).await)
+            .unwrap_or_else(|_| unreachable!());
     let mut alice = connect(&n1, "alice").await;
     let mut bob = connect(&n2, "bob").await;
     let publish = |node: &NodeProcess, body: Value| {
