@@ -106,6 +106,22 @@ async fn channels_users_broadcasts_history_and_presence_cross_nodes_over_sharded
         assert_eq!((m.data, m.offset), (json!(i), Some(i)));
     }
 
+    // A primary without the function library (as a shard added by a reshard starts) gets it
+    // loaded by the first history publish that needs it there, which then succeeds.
+    let shard = (cluster.primary_of("pushgate:ch:chat:2").await).expect("a primary");
+    cluster.servers[shard]
+        .command(&["FUNCTION", "DELETE", "pushgate"])
+        .await;
+    let reply = publisher.publish("chat:2", json!("reloaded")).await;
+    assert!(acked(&reply), "{reply:?}");
+    let libraries: redis::Value = cluster.servers[shard]
+        .command(&["FUNCTION", "LIST", "LIBRARYNAME", "pushgate"])
+        .await;
+    assert!(
+        matches!(&libraries, redis::Value::Array(l) if l.len() == 1),
+        "{libraries:?}"
+    );
+
     // Braces would break the hash tag that keeps a channel's keys in its topic's slot.
     match publisher
         .request(json!({"type": "subscribe", "channel": "room:{x}"}))

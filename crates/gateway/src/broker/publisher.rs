@@ -317,7 +317,11 @@ impl LaneConnection {
             Self::Cluster(conn) => {
                 let sends = pipe.cmd_iter().map(|cmd| {
                     let mut conn = conn.clone();
-                    async move { conn.req_packed_command(cmd).await.map_err(redis_error) }
+                    async move {
+                        (conn.req_packed_command(cmd).await)
+                            .map_err(redis_error)
+                            .and_then(into_result)
+                    }
                 });
                 Ok(join_all(sends).await)
             }
