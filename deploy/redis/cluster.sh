@@ -19,9 +19,10 @@ case "$action" in
 up)
   base="${3:-27000}"
   mkdir -p "$dir"
+  dir=$(cd "$dir" && pwd) # redis-server --dir changes its working directory
   ports=()
   for port in $(seq "$base" $((base + 5))); do
-    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$dir" \
       --cluster-enabled yes --cluster-config-file "$dir/nodes-$port.conf" \
       --cluster-node-timeout 2000 --daemonize yes \
       --pidfile "$dir/redis-$port.pid" --logfile "$dir/redis-$port.log"

@@ -21,12 +21,13 @@ case "$action" in
 up)
   base="${3:-26400}"
   mkdir -p "$dir"
+  dir=$(cd "$dir" && pwd) # redis-server --dir changes its working directory
   primary=$base
   replica=$((base + 1))
   server() { # port, extra arguments...
     local port="$1"
     shift
-    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$dir" \
       --daemonize yes --pidfile "$dir/redis-$port.pid" --logfile "$dir/redis-$port.log" "$@"
   }
   server "$primary"

@@ -117,6 +117,8 @@ impl RedisServer {
             .args(&self.config)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            // A replica loads its first sync straight from the socket: no dump.rdb in the tree.
+            .args(["--repl-diskless-load", "on-empty-db"])
             .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
