@@ -76,6 +76,10 @@ async fn channels_users_broadcasts_history_and_presence_cross_nodes_over_sharded
     // A user on n3, from n1; a broadcast from n2 to everyone.
     api_publish(&nodes[0], json!({"user": "carol", "data": "to-carol"})).await;
     assert_eq!(carol.message().await.data, json!("to-carol"));
+    // A session, through its node's topic.
+    let session = carol.session.clone();
+    api_publish(&nodes[0], json!({"session": session, "data": "to-session"})).await;
+    assert_eq!(carol.message().await.data, json!("to-session"));
     api_publish(&nodes[1], json!({"broadcast": true, "data": "all"})).await;
     assert_eq!(carol.message().await.data, json!("all"));
     for s in &mut subscribers {

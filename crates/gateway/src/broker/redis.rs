@@ -147,7 +147,7 @@ impl RedisBroker {
             changed: Notify::new(),
             ready: AtomicBool::new(false),
             started: AtomicBool::new(false),
-            probe_topics: Mutex::new(vec![settings.topics.node(&settings.node_id)]),
+            probe_topics: Mutex::default(),
             probe_seen: Mutex::default(),
             functions: settings.functions,
             metrics,
@@ -160,6 +160,9 @@ impl RedisBroker {
         ] {
             broker.take_hold(topic);
         }
+        // The probe holds its topics on top: on a cluster they change with the shards, and the
+        // node topic keeps its own hold.
+        broker.probe_on(vec![broker.node_topic.clone()]);
         tokio::spawn(broker.clone().supervise(inbound, shutdown));
         Ok(broker)
     }
