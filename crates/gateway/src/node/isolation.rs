@@ -64,7 +64,7 @@ impl Node {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Heartbeats travel over Redis: the peers asked are those heard from in the last three
         // heartbeat intervals before the broker was last seen up.
-        let horizon = self.config.heartbeat_interval * 3;
+        let horizon = self.peer_horizon();
         let mut last_up = Instant::now();
         let mut peers_reach_it = 0;
         loop {

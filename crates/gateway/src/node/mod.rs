@@ -560,7 +560,7 @@ impl Node {
 
     /// This node and every other node heard from within three heartbeat intervals.
     pub fn cluster(&self) -> Vec<NodeStats> {
-        let horizon = self.config.heartbeat_interval * 3;
+        let horizon = self.peer_horizon();
         let mut nodes: Vec<NodeStats> = (lock(&self.peers).values())
             .filter(|(seen, _)| seen.elapsed() < horizon)
             .map(|(_, s)| s.clone())
@@ -568,6 +568,11 @@ impl Node {
         nodes.push(self.stats());
         nodes.sort_by(|a, b| a.node.cmp(&b.node));
         nodes
+    }
+
+    /// How long a node unheard of still counts as one: three heartbeat intervals.
+    fn peer_horizon(&self) -> Duration {
+        self.config.heartbeat_interval * 3
     }
 
     pub fn uptime(&self) -> Duration {
@@ -587,7 +592,7 @@ impl Node {
             }
             // Nodes gone for good; while the broker is down, the last ones heard are kept (see
             // `watch_isolation`).
-            let horizon = self.config.heartbeat_interval * 3;
+            let horizon = self.peer_horizon();
             lock(&self.peers).retain(|_, (seen, _)| seen.elapsed() < horizon);
             let beat = ControlMessage::Heartbeat(self.stats()).encode();
             if let Err(e) = self.broker.publish(self.topics.control(), &beat).await {
