@@ -31,13 +31,7 @@ up)
   done
   addrs=()
   for port in "${ports[@]}"; do addrs+=("127.0.0.1:$port"); done
-  redis-cli --cluster create "${addrs[@]}" --cluster-replicas 1 --cluster-yes >"$dir/create.log"
-  for port in "${ports[@]}"; do
-    wait_for "the cluster to be ok on $port" \
-      sh -c "redis-cli -p $port CLUSTER INFO | grep -q cluster_state:ok"
-    wait_for "$port in sync" \
-      sh -c "redis-cli -p $port INFO replication | grep -q -e role:master -e master_link_status:up"
-  done
+  sh "$(dirname "${BASH_SOURCE[0]}")/cluster-create.sh" "${addrs[@]}" >"$dir/create.log"
   urls=()
   for port in "${ports[@]}"; do urls+=("redis://127.0.0.1:$port"); done
   echo "PUSHGATE_REDIS_CLUSTER=$(

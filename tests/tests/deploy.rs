@@ -197,9 +197,17 @@ fn yaml_docs(rel: &str) -> Vec<Value> {
         }
         let mut value: Value = serde_yaml_ng::from_str(doc)
             .unwrap_or_else(|e| panic!("{rel} does not parse as YAML: {e}"));
-        value
-            .apply_merge()
-            .unwrap_or_else(|e| panic!("{rel}: merge keys: {e}"));
+        // One pass leaves the merge keys of a merged anchor (`<<: *a` in an anchor that is
+        // merged itself) in place; repeat until none is left.
+        loop {
+            let before = value.clone();
+            value
+                .apply_merge()
+                .unwrap_or_else(|e| panic!("{rel}: merge keys: {e}"));
+            if value == before {
+                break;
+            }
+        }
         if !value.is_null() {
             docs.push(value);
         }
@@ -380,6 +388,61 @@ struct Compose {
     services: BTreeMap<String, Value>,
 }
 
+/// One setup of docker-compose.yml: three nodes on one broker mode behind their own nginx. The
+/// default setup has no profile; the others are started with `--profile NAME`.
+struct Setup {
+    profile: Option<&'static str>,
+    nginx: &'static str,
+    /// The names of the nodes, with their number after it.
+    gateway_prefix: &'static str,
+    /// The broker setting of its nodes.
+    broker_var: &'static str,
+}
+
+const SETUPS: [Setup; 3] = [
+    Setup {
+        profile: None,
+        nginx: "nginx",
+        gateway_prefix: "pushgate-",
+        broker_var: "PUSHGATE_REDIS_URL",
+    },
+    Setup {
+        profile: Some("cluster"),
+        nginx: "nginx-cluster",
+        gateway_prefix: "pushgate-cluster-",
+        broker_var: "PUSHGATE_REDIS_CLUSTER",
+    },
+    Setup {
+        profile: Some("sentinel"),
+        nginx: "nginx-sentinel",
+        gateway_prefix: "pushgate-sentinel-",
+        broker_var: "PUSHGATE_REDIS_SENTINEL",
+    },
+];
+
+const BROKER_VARS: [&str; 3] = [
+    "PUSHGATE_REDIS_URL",
+    "PUSHGATE_REDIS_CLUSTER",
+    "PUSHGATE_REDIS_SENTINEL",
+];
+
+impl Setup {
+    /// The nginx configuration its nginx mounts: deploy/nginx/render.sh's output for its nodes.
+    fn nginx_conf(&self) -> String {
+        match self.profile {
+            None => "deploy/nginx/pushgate.conf".into(),
+            Some(profile) => format!("deploy/nginx/pushgate-{profile}.conf"),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self.profile {
+            None => "the default setup".into(),
+            Some(profile) => format!("profile {profile}"),
+        }
+    }
+}
+
 impl Compose {
     fn load() -> Self {
         let docs = yaml_docs("docker-compose.yml");
@@ -393,7 +456,7 @@ impl Compose {
         Self { services }
     }
 
-    /// The gateway nodes: the services built from this repository's Dockerfile.
+    /// The gateway nodes of every setup: the services built from this repository's Dockerfile.
     fn gateways(&self) -> BTreeMap<&str, &Value> {
         self.services
             .iter()
@@ -402,11 +465,63 @@ impl Compose {
             .collect()
     }
 
+    /// The gateway nodes of one setup.
+    fn gateways_of(&self, setup: &Setup) -> BTreeMap<&str, &Value> {
+        let mut gateways = self.gateways();
+        gateways.retain(|_, svc| profile(svc).as_deref() == setup.profile);
+        gateways
+    }
+
     fn service(&self, name: &str) -> &Value {
         self.services
             .get(name)
             .unwrap_or_else(|| panic!("docker-compose.yml has no service {name}"))
     }
+
+    /// The services of one profile (`None`: those without one).
+    fn in_profile(&self, wanted: Option<&str>) -> BTreeMap<&str, &Value> {
+        self.services
+            .iter()
+            .filter(|(_, svc)| profile(svc).as_deref() == wanted)
+            .map(|(name, svc)| (name.as_str(), svc))
+            .collect()
+    }
+
+    /// The fixed address of a service on the project's network.
+    fn address(&self, name: &str) -> Option<String> {
+        let addr = &self.service(name)["networks"]["default"]["ipv4_address"];
+        (!addr.is_null()).then(|| s(addr))
+    }
+
+    /// The service a host in a URL names: by service name or by fixed address.
+    fn service_at(&self, host: &str) -> Option<&str> {
+        if self.services.contains_key(host) {
+            return self.services.get_key_value(host).map(|(k, _)| k.as_str());
+        }
+        (self.services.keys())
+            .find(|name| self.address(name).as_deref() == Some(host))
+            .map(String::as_str)
+    }
+}
+
+/// The one profile of a compose service, if it has one.
+fn profile(svc: &Value) -> Option<String> {
+    let profiles = svc["profiles"].as_sequence()?;
+    assert_eq!(profiles.len(), 1, "a service belongs to one setup");
+    Some(s(&profiles[0]))
+}
+
+/// The host of each URL of a comma-separated list (`redis://host:port/db`).
+fn url_hosts(urls: &str) -> Vec<String> {
+    urls.split(',')
+        .map(|url| {
+            url.trim()
+                .strip_prefix("redis://")
+                .and_then(|rest| rest.split([':', '/']).next())
+                .unwrap_or_else(|| panic!("redis URL {url}"))
+                .to_owned()
+        })
+        .collect()
 }
 
 /// The listen port a node's environment gives it (or the flag's default).
@@ -452,31 +567,203 @@ fn nofile(name: &str, svc: &Value) -> (u64, u64) {
 }
 
 #[test]
-fn compose_has_redis_three_gateways_and_nginx() {
+fn compose_has_three_gateways_and_nginx_per_broker_mode() {
     let compose = Compose::load();
     let redis = compose.service("redis");
     assert!(s(&redis["image"]).starts_with("redis"), "redis image");
     assert!(
-        s(&compose.service("nginx")["image"]).starts_with("nginx"),
-        "nginx image"
-    );
-    let gateways = compose.gateways();
-    assert_eq!(
-        gateways.keys().copied().collect::<Vec<_>>(),
-        ["pushgate-1", "pushgate-2", "pushgate-3"],
-        "three gateway nodes built from the Dockerfile"
-    );
-    for (name, svc) in &gateways {
-        let depends = &svc["depends_on"]["redis"]["condition"];
-        assert_eq!(
-            depends.as_str(),
-            Some("service_healthy"),
-            "{name} waits for a healthy redis"
-        );
-    }
-    assert!(
         redis["healthcheck"]["test"].is_sequence(),
         "redis has a healthcheck"
+    );
+    for setup in &SETUPS {
+        let what = setup.describe();
+        let nginx = compose.service(setup.nginx);
+        assert!(
+            s(&nginx["image"]).starts_with("nginx"),
+            "{what}: nginx image"
+        );
+        assert_eq!(profile(nginx).as_deref(), setup.profile, "{what}: nginx");
+        let expected: Vec<String> = (1..=3)
+            .map(|i| format!("{}{i}", setup.gateway_prefix))
+            .collect();
+        assert_eq!(
+            compose
+                .gateways_of(setup)
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            expected,
+            "{what}: three gateway nodes built from the Dockerfile"
+        );
+    }
+    // Every profile is one of the setups, and a service depends only on services that start
+    // with it: its own profile's, or those without a profile.
+    for (name, svc) in &compose.services {
+        let own = profile(svc);
+        assert!(
+            SETUPS.iter().any(|setup| setup.profile == own.as_deref()),
+            "{name}: unknown profile {own:?}"
+        );
+        for dependency in map_keys(&svc["depends_on"]) {
+            let theirs = profile(compose.service(&dependency));
+            assert!(
+                theirs.is_none() || theirs == own,
+                "{name} ({own:?}) depends on {dependency} ({theirs:?})"
+            );
+            let condition = s(&svc["depends_on"][dependency.as_str()]["condition"]);
+            assert!(
+                ["service_healthy", "service_completed_successfully"].contains(&condition.as_str()),
+                "{name} waits for {dependency} to be {condition}"
+            );
+            if condition == "service_healthy" {
+                assert!(
+                    compose.service(&dependency)["healthcheck"]["test"].is_sequence(),
+                    "{name} waits for {dependency} to be healthy, which has no healthcheck"
+                );
+            }
+        }
+    }
+    // A node waits for its broker: the Redis its URL names, the made cluster, or the sentinels.
+    for (name, svc) in compose.gateways() {
+        let waits_for = map_keys(&svc["depends_on"]);
+        let env = compose_env(&svc["environment"]);
+        if let Some(url) = env.get("PUSHGATE_REDIS_URL") {
+            assert_eq!(waits_for, url_hosts(url), "{name} waits for its Redis");
+        }
+        if env.contains_key("PUSHGATE_REDIS_CLUSTER") {
+            assert_eq!(waits_for, ["redis-cluster-create"], "{name}");
+        }
+        if let Some(urls) = env.get("PUSHGATE_REDIS_SENTINEL") {
+            assert_eq!(waits_for, url_hosts(urls), "{name} waits for its sentinels");
+        }
+    }
+}
+
+#[test]
+fn compose_cluster_profile_makes_a_cluster_of_its_members() {
+    let compose = Compose::load();
+    let members: BTreeMap<&str, &Value> = compose
+        .in_profile(Some("cluster"))
+        .into_iter()
+        .filter(|(_, svc)| {
+            let command = svc["command"]
+                .as_sequence()
+                .map(|c| c.iter().map(s).collect::<Vec<_>>());
+            command.is_some_and(|c| c.windows(2).any(|w| w == ["--cluster-enabled", "yes"]))
+        })
+        .collect();
+    assert_eq!(members.len(), 6, "three primaries and three replicas");
+    let addresses: BTreeSet<String> = members
+        .keys()
+        .map(|name| {
+            let addr = compose.address(name);
+            format!(
+                "{}:6379",
+                addr.unwrap_or_else(|| panic!("{name} has no fixed address"))
+            )
+        })
+        .collect();
+    // The one-shot service runs deploy/redis/cluster-create.sh (tested by redis_cluster.rs
+    // through deploy/redis/cluster.sh) on exactly those members, after they answer.
+    let create = compose.service("redis-cluster-create");
+    assert_eq!(s(&create["restart"]), "no");
+    let command: Vec<String> = create["command"]
+        .as_sequence()
+        .expect("a command")
+        .iter()
+        .map(s)
+        .collect();
+    let mounts: Vec<String> = create["volumes"]
+        .as_sequence()
+        .expect("volumes")
+        .iter()
+        .map(s)
+        .collect();
+    assert_eq!(mounts, ["./deploy/redis:/redis:ro"]);
+    assert_eq!(command[..2], ["sh", "/redis/cluster-create.sh"]);
+    assert!(root().join("deploy/redis/cluster-create.sh").is_file());
+    assert_eq!(
+        command[2..].iter().cloned().collect::<BTreeSet<_>>(),
+        addresses
+    );
+    assert_eq!(
+        map_keys(&create["depends_on"])
+            .into_iter()
+            .collect::<BTreeSet<_>>(),
+        members.keys().map(|n| n.to_string()).collect(),
+        "the create service waits for every member"
+    );
+    // The nodes are seeded with every member.
+    for (name, svc) in compose.gateways_of(&SETUPS[1]) {
+        let env = compose_env(&svc["environment"]);
+        let seeds: BTreeSet<String> = url_hosts(&env["PUSHGATE_REDIS_CLUSTER"])
+            .into_iter()
+            .map(|host| format!("{host}:6379"))
+            .collect();
+        assert_eq!(seeds, addresses, "{name}'s seeds");
+    }
+}
+
+#[test]
+fn compose_sentinel_profile_monitors_the_primary_the_nodes_ask_for() {
+    let compose = Compose::load();
+    let sentinels: Vec<&str> = compose
+        .in_profile(Some("sentinel"))
+        .into_iter()
+        .filter(|(_, svc)| {
+            svc["command"]
+                .as_sequence()
+                .is_some_and(|c| c.iter().map(s).any(|part| part.contains("--sentinel")))
+        })
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(sentinels.len(), 3, "three sentinels: {sentinels:?}");
+    for (name, svc) in compose.gateways_of(&SETUPS[2]) {
+        let env = compose_env(&svc["environment"]);
+        let master = &env["PUSHGATE_REDIS_SENTINEL_MASTER"];
+        assert_eq!(
+            url_hosts(&env["PUSHGATE_REDIS_SENTINEL"]),
+            sentinels,
+            "{name} asks every sentinel"
+        );
+        for sentinel in &sentinels {
+            let script = compose.service(sentinel)["command"]
+                .as_sequence()
+                .expect("a command")
+                .iter()
+                .map(s)
+                .collect::<Vec<_>>()
+                .join(" ");
+            // `sentinel monitor NAME HOST PORT QUORUM`: the name the nodes ask for, a
+            // primary of this profile, a majority of the three.
+            let monitor = script
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("sentinel monitor "))
+                .unwrap_or_else(|| panic!("{sentinel} monitors nothing: {script}"))
+                .split_whitespace()
+                .collect::<Vec<_>>();
+            assert_eq!(monitor[0], master, "{sentinel} monitors {monitor:?}");
+            assert_eq!(
+                profile(compose.service(monitor[1])).as_deref(),
+                Some("sentinel")
+            );
+            assert_eq!(monitor[3], "2", "{sentinel}: quorum");
+            assert!(
+                script.contains("sentinel resolve-hostnames yes"),
+                "{sentinel}"
+            );
+        }
+    }
+    let replica = compose.service("redis-replica")["command"]
+        .as_sequence()
+        .expect("a command")
+        .iter()
+        .map(s)
+        .collect::<Vec<_>>();
+    assert!(
+        replica
+            .windows(2)
+            .any(|w| w == ["--replicaof", "redis-main"])
     );
 }
 
@@ -488,13 +775,20 @@ fn compose_gateway_env_names_are_real_flags() {
         let env = compose_env(&svc["environment"]);
         assert_known(&format!("docker-compose.yml ({name})"), env.keys().cloned());
         for required in [
-            "PUSHGATE_REDIS_URL",
             "PUSHGATE_INSTANCE_ID",
             "PUSHGATE_JWT_SECRET",
             "PUSHGATE_API_KEY",
         ] {
             assert!(env.contains_key(required), "{name} lacks {required}");
         }
+        // Exactly one broker mode, the setup's own.
+        let setup = (SETUPS.iter())
+            .find(|setup| setup.profile == profile(svc).as_deref())
+            .expect("a known setup");
+        let modes: Vec<&str> = (BROKER_VARS.into_iter())
+            .filter(|var| env.contains_key(*var))
+            .collect();
+        assert_eq!(modes, [setup.broker_var], "{name}'s broker");
         // The secrets come from the shell or .env, with defaults marked as local-only.
         for secret in ["PUSHGATE_JWT_SECRET", "PUSHGATE_API_KEY"] {
             let value = &env[secret];
@@ -503,18 +797,22 @@ fn compose_gateway_env_names_are_real_flags() {
                 "{name}: {secret} should be ${{{secret}:-local-only...}}, is {value}"
             );
         }
-        // The Redis URL names the redis service.
-        let url = &env["PUSHGATE_REDIS_URL"];
-        let host = url
-            .strip_prefix("redis://")
-            .and_then(|rest| rest.split([':', '/']).next())
-            .unwrap_or_else(|| panic!("{name}: redis URL {url}"));
-        compose.service(host);
+        // The broker URLs name services of the same setup.
+        for host in url_hosts(&env[setup.broker_var]) {
+            let service = compose
+                .service_at(&host)
+                .unwrap_or_else(|| panic!("{name}: no service at {host}"));
+            assert_eq!(
+                profile(compose.service(service)).as_deref(),
+                setup.profile,
+                "{name} uses {service}"
+            );
+        }
         let id = env["PUSHGATE_INSTANCE_ID"].clone();
         assert!(valid_instance_id(&id), "{name}: instance ID {id:?}");
         assert!(ids.insert(id.clone()), "instance ID {id} is used twice");
     }
-    assert_eq!(ids.len(), 3);
+    assert_eq!(ids.len(), 3 * SETUPS.len());
 
     // .env.example sets exactly what compose substitutes, and only real names.
     let example = env_file(".env.example");
@@ -573,44 +871,58 @@ fn compose_ports_limits_and_health() {
         );
     }
 
-    let nginx = compose.service("nginx");
-    let published = published_ports(nginx);
-    assert!(
-        published
-            .iter()
-            .any(|(host, c)| *c == 443 && host.ends_with("443")),
-        "nginx publishes 443: {published:?}"
-    );
-    let (soft, _) = nofile("nginx", nginx);
-    let conf = read("deploy/nginx/pushgate.conf");
-    let rlimit: u64 = directive(&conf, "worker_rlimit_nofile").parse().unwrap();
-    assert!(
-        soft >= rlimit,
-        "nginx's nofile ulimit {soft} is below worker_rlimit_nofile {rlimit}"
-    );
-    // nginx starts once the certificates exist and every node is ready.
-    let depends = &nginx["depends_on"];
-    assert_eq!(
-        depends["certs"]["condition"].as_str(),
-        Some("service_completed_successfully")
-    );
-    for name in compose.gateways().keys() {
+    for setup in &SETUPS {
+        let what = setup.describe();
+        let nginx = compose.service(setup.nginx);
+        let published = published_ports(nginx);
+        assert!(
+            published.iter().any(|(_, c)| *c == 443),
+            "{what}: nginx publishes 443: {published:?}"
+        );
+        for (host, _) in published {
+            assert!(host_ports.insert(host.clone()), "{what}: {host} used twice");
+        }
+        let (soft, _) = nofile(setup.nginx, nginx);
+        let conf = read(&setup.nginx_conf());
+        let rlimit: u64 = directive(&conf, "worker_rlimit_nofile").parse().unwrap();
+        assert!(
+            soft >= rlimit,
+            "{what}: nginx's nofile ulimit {soft} is below worker_rlimit_nofile {rlimit}"
+        );
+        // nginx starts once the certificates exist and every node is ready.
+        let depends = &nginx["depends_on"];
         assert_eq!(
-            depends[*name]["condition"].as_str(),
-            Some("service_healthy"),
-            "nginx waits for {name}"
+            depends["certs"]["condition"].as_str(),
+            Some("service_completed_successfully")
+        );
+        for name in compose.gateways_of(setup).keys() {
+            assert_eq!(
+                depends[*name]["condition"].as_str(),
+                Some("service_healthy"),
+                "{what}: nginx waits for {name}"
+            );
+        }
+        assert!(
+            nginx["healthcheck"]["test"].is_sequence(),
+            "{what}: nginx healthcheck"
         );
     }
     assert!(
-        nginx["healthcheck"]["test"].is_sequence(),
-        "nginx healthcheck"
+        host_ports.contains("443"),
+        "the default nginx is on port 443"
     );
 }
 
 #[test]
 fn compose_nginx_uses_the_rendered_config_and_the_certificates() {
     let compose = Compose::load();
-    let nginx = compose.service("nginx");
+    for setup in &SETUPS {
+        nginx_uses_its_config_and_the_certificates(&compose, setup);
+    }
+}
+
+fn nginx_uses_its_config_and_the_certificates(compose: &Compose, setup: &Setup) {
+    let nginx = compose.service(setup.nginx);
     let volumes: Vec<(String, String)> = nginx["volumes"]
         .as_sequence()
         .expect("nginx volumes")
@@ -624,16 +936,15 @@ fn compose_nginx_uses_the_rendered_config_and_the_certificates() {
             )
         })
         .collect();
+    let conf_file = setup.nginx_conf();
     assert!(
-        volumes.contains(&(
-            "./deploy/nginx/pushgate.conf".into(),
-            "/etc/nginx/nginx.conf".into()
-        )),
-        "nginx mounts deploy/nginx/pushgate.conf as its nginx.conf: {volumes:?}"
+        volumes.contains(&(format!("./{conf_file}"), "/etc/nginx/nginx.conf".into())),
+        "{} mounts {conf_file} as its nginx.conf: {volumes:?}",
+        setup.nginx
     );
     // The certificate paths of the configuration are inside the mounted certificate directory,
     // which the `certs` service fills with make-certs.sh.
-    let conf = read("deploy/nginx/pushgate.conf");
+    let conf = read(&conf_file);
     let (_, cert_dir) = volumes
         .iter()
         .find(|(host, _)| host == "./deploy/tls/certs")
@@ -671,14 +982,21 @@ fn compose_nginx_uses_the_rendered_config_and_the_certificates() {
 #[test]
 fn nginx_upstream_matches_the_compose_nodes() {
     let compose = Compose::load();
-    let expected: BTreeSet<String> = compose
-        .gateways()
-        .iter()
-        .map(|(name, svc)| format!("{name}:{}", listen_port(&compose_env(&svc["environment"]))))
-        .collect();
-    let conf = read("deploy/nginx/pushgate.conf");
-    let servers: BTreeSet<String> = upstream_servers(&conf).into_iter().collect();
-    assert_eq!(servers, expected, "upstream servers vs compose gateways");
+    for setup in &SETUPS {
+        let expected: BTreeSet<String> = compose
+            .gateways_of(setup)
+            .iter()
+            .map(|(name, svc)| format!("{name}:{}", listen_port(&compose_env(&svc["environment"]))))
+            .collect();
+        let conf = read(&setup.nginx_conf());
+        let servers: BTreeSet<String> = upstream_servers(&conf).into_iter().collect();
+        assert_eq!(
+            servers,
+            expected,
+            "{}: upstream servers vs gateways",
+            setup.describe()
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -693,6 +1011,22 @@ fn nginx_conf_is_the_template_rendered_with_defaults() {
         read("deploy/nginx/pushgate.conf"),
         "deploy/nginx/pushgate.conf is stale: run `bash deploy/nginx/render.sh deploy/nginx/pushgate.conf`"
     );
+    // The profiles' nginx configurations are the same template with their nodes.
+    let compose = Compose::load();
+    for setup in SETUPS.iter().filter(|setup| setup.profile.is_some()) {
+        let nodes: Vec<String> = compose
+            .gateways_of(setup)
+            .iter()
+            .map(|(name, svc)| format!("{name}:{}", listen_port(&compose_env(&svc["environment"]))))
+            .collect();
+        let file = setup.nginx_conf();
+        assert_eq!(
+            render(&[("NGINX_UPSTREAMS", nodes.join(" "))]),
+            read(&file),
+            "{file} is stale: run `NGINX_UPSTREAMS=\"{}\" bash deploy/nginx/render.sh {file}`",
+            nodes.join(" ")
+        );
+    }
     // The renderer substitutes every placeholder it is given, and refuses a broken value.
     let custom = render(&[
         ("NGINX_UPSTREAMS", "127.0.0.1:1,127.0.0.1:2".into()),
@@ -1652,8 +1986,16 @@ fn trusted_proxies(file: &str, value: &str) -> Vec<(u32, u32)> {
 #[test]
 fn compose_gateways_trust_nginx_and_only_nginx() {
     let compose = Compose::load();
-    let nginx = &compose.service("nginx")["networks"]["default"]["ipv4_address"];
-    let nginx_ip = ipv4_cidr(&s(nginx)).0;
+    for setup in &SETUPS {
+        gateways_trust_their_nginx_and_only_it(&compose, setup);
+    }
+}
+
+fn gateways_trust_their_nginx_and_only_it(compose: &Compose, setup: &Setup) {
+    let nginx = compose
+        .address(setup.nginx)
+        .unwrap_or_else(|| panic!("{} has no fixed address", setup.nginx));
+    let nginx_ip = ipv4_cidr(&nginx).0;
     let docs = yaml_docs("docker-compose.yml");
     let subnets: Vec<(u32, u32)> = docs[0]["networks"]["default"]["ipam"]["config"]
         .as_sequence()
@@ -1665,7 +2007,7 @@ fn compose_gateways_trust_nginx_and_only_nginx() {
         subnets.iter().any(|net| cidr_contains(*net, nginx_ip)),
         "nginx's address is in the network's subnet"
     );
-    for (name, svc) in compose.gateways() {
+    for (name, svc) in compose.gateways_of(setup) {
         let env = compose_env(&svc["environment"]);
         let value = env
             .get("PUSHGATE_TRUSTED_PROXIES")
