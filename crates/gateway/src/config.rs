@@ -257,6 +257,10 @@ pub struct ServeArgs {
     /// this close the connection with 1009.
     #[arg(long, env = "PUSHGATE_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_message_bytes: usize,
+    /// Largest total size of a request's headers (each counted as `name: value` and its line
+    /// end); larger requests get 431. Bounds what a handshake may make a node hold.
+    #[arg(long, env = "PUSHGATE_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_bytes: usize,
     /// Sustained client requests per second per connection (token bucket).
     #[arg(long, env = "PUSHGATE_CLIENT_RATE", default_value_t = 100.0)]
     pub client_rate: f64,
@@ -448,6 +452,7 @@ mod tests {
         assert_eq!(args.listen, "0.0.0.0:8080".parse().unwrap());
         assert_eq!(args.redis_prefix, "pushgate");
         assert_eq!(args.max_message_bytes, 65536);
+        assert_eq!(args.max_header_bytes, 16384);
         assert_eq!(args.max_channels, 128);
         assert_eq!(args.ping_interval, Duration::from_secs(25));
         assert_eq!(args.drain_period, Duration::from_secs(10));

@@ -54,6 +54,11 @@ pub enum HttpError {
         reason: String,
     },
     Unavailable,
+    /// The request's headers add up to more than `--max-header-bytes`.
+    HeadersTooLarge {
+        size: usize,
+        limit: usize,
+    },
 }
 
 impl IntoResponse for HttpError {
@@ -115,6 +120,12 @@ impl IntoResponse for HttpError {
                 "broker unavailable; retry later".into(),
                 None,
             ),
+            Self::HeadersTooLarge { size, limit } => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "too_large",
+                format!("request headers are {size} bytes, over the limit of {limit}"),
+                None,
+            ),
         };
         let mut body = json!({ "error": error, "reason": reason });
         if let Some(field) = field {
@@ -152,7 +163,29 @@ pub fn router(node: Arc<Node>) -> Router {
             .route("/api/channels", get(api_channels))
             .route("/admin", get(admin_page));
     }
-    router.with_state(node)
+    let limit = node.config.max_header_bytes;
+    router
+        .with_state(node)
+        .layer(axum::middleware::from_fn(move |request, next| {
+            limit_headers(limit, request, next)
+        }))
+}
+
+/// Refuses a request whose headers add up to more than `limit` bytes, before any handler (the
+/// WebSocket handshake included) looks at them.
+async fn limit_headers(
+    limit: usize,
+    request: axum::extract::Request,
+    next: Next,
+) -> Result<Response, HttpError> {
+    let size: usize = (request.headers().iter())
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if size > limit {
+        debug!(size, limit, "request headers too large");
+        return Err(HttpError::HeadersTooLarge { size, limit });
+    }
+    Ok(next.run(request).await)
 }
 
 /// Whether `--allowed-origins` (`allowed`) admits a request with this `Origin` header: any
@@ -359,6 +392,16 @@ async fn echo(
                 let reply = match msg {
                     Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => m,
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Err(e)) => {
+                        if let Some(code) = session::violation(&e) {
+                            let frame = CloseFrame {
+                                code,
+                                reason: close::reason(code).into(),
+                            };
+                            let _ = socket.send(Message::Close(Some(frame))).await;
+                        }
+                        break;
+                    }
                     _ => break,
                 };
                 if socket.send(reply).await.is_err() {

@@ -4,6 +4,8 @@
 //! |------|---------|-------------------------|
 //! | 1000 | normal closure | nothing |
 //! | 1001 | going away: the node is draining | reconnect at once (with jitter), to any node |
+//! | 1002 | protocol error: a frame broke RFC 6455 (unmasked, reserved bits or opcode, bad fragmentation, oversized control frame) | fix the client |
+//! | 1007 | invalid payload: a text message that is not UTF-8 | fix the client |
 //! | 1008 | policy violation (reserved; refusals happen at the handshake with HTTP 401/403) | fix the client |
 //! | 1009 | message too big | fix the client |
 //! | 1011 | internal error | reconnect with backoff |
@@ -14,6 +16,8 @@
 
 pub const NORMAL: u16 = 1000;
 pub const GOING_AWAY: u16 = 1001;
+pub const PROTOCOL_ERROR: u16 = 1002;
+pub const INVALID_PAYLOAD: u16 = 1007;
 pub const POLICY: u16 = 1008;
 pub const TOO_BIG: u16 = 1009;
 pub const INTERNAL: u16 = 1011;
@@ -27,6 +31,8 @@ pub fn reason(code: u16) -> &'static str {
     match code {
         NORMAL => "normal closure",
         GOING_AWAY => "node draining, reconnect elsewhere",
+        PROTOCOL_ERROR => "protocol error",
+        INVALID_PAYLOAD => "invalid UTF-8 in a text message",
         POLICY => "policy violation",
         TOO_BIG => "message too big",
         INTERNAL => "internal error",
@@ -46,6 +52,8 @@ mod tests {
         for code in [
             NORMAL,
             GOING_AWAY,
+            PROTOCOL_ERROR,
+            INVALID_PAYLOAD,
             POLICY,
             TOO_BIG,
             INTERNAL,

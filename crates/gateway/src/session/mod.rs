@@ -186,15 +186,33 @@ pub async fn run_sse<W, R, E>(
     drop(admission);
 }
 
-fn too_big<E: std::error::Error + 'static>(e: &E) -> bool {
+/// The close code a failed read calls for, when the client broke the WebSocket protocol (rather
+/// than the connection breaking): 1009 for a message beyond the transport's limit, 1002 for a
+/// frame that breaks RFC 6455, 1007 for a text message that is not UTF-8.
+pub(crate) fn violation<E: std::error::Error + 'static>(e: &E) -> Option<u16> {
+    use tungstenite::error::ProtocolError as P;
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
-        if let Some(tungstenite::Error::Capacity(_)) = err.downcast_ref::<tungstenite::Error>() {
-            return true;
+        match err.downcast_ref::<tungstenite::Error>() {
+            Some(tungstenite::Error::Capacity(_)) => return Some(close::TOO_BIG),
+            Some(tungstenite::Error::Utf8(_)) => return Some(close::INVALID_PAYLOAD),
+            Some(tungstenite::Error::Protocol(
+                P::NonZeroReservedBits
+                | P::UnmaskedFrameFromClient
+                | P::FragmentedControlFrame
+                | P::ControlFrameTooBig
+                | P::UnknownControlFrameType(_)
+                | P::UnknownDataFrameType(_)
+                | P::UnexpectedContinueFrame
+                | P::ExpectedFragment(_)
+                | P::InvalidOpcode(_)
+                | P::InvalidCloseSequence,
+            )) => return Some(close::PROTOCOL_ERROR),
+            Some(_) => return None,
+            None => source = err.source(),
         }
-        source = err.source();
     }
-    false
+    None
 }
 
 /// Runs a write under the node's write timeout; a client too slow to take it is a slow consumer.
@@ -349,14 +367,19 @@ where
                         // only while it runs, instead of in every idle connection's task.
                         Box::pin(self.on_message(msg, &mut expires)).await
                     }
-                    Some(Err(e)) if too_big(&e) => {
-                        self.node.metrics.drops.too_large.inc();
-                        Err(Stop::Close(close::TOO_BIG))
-                    }
-                    Some(Err(e)) => {
-                        debug!(error = %e, "read failed");
-                        Err(Stop::Gone)
-                    }
+                    Some(Err(e)) => match violation(&e) {
+                        Some(code) => {
+                            debug!(error = %e, code, "protocol violation");
+                            if code == close::TOO_BIG {
+                                self.node.metrics.drops.too_large.inc();
+                            }
+                            Err(Stop::Close(code))
+                        }
+                        None => {
+                            debug!(error = %e, "read failed");
+                            Err(Stop::Gone)
+                        }
+                    },
                     None => Err(Stop::Gone),
                 },
                 () = &mut timer => {
