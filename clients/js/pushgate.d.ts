@@ -47,6 +47,11 @@ export interface PushgateOptions {
   refresh?: boolean;
   /** Failed handshakes with the same token before asking the server whether it refuses the token (default 3). */
   authRetries?: number;
+  /**
+   * Ask the node for batches (subprotocol `pushgate.batch`, default true): deliveries queued
+   * together arrive in one WebSocket message, unpacked here. Turn off for nodes that predate it.
+   */
+  batch?: boolean;
 }
 
 /** A position in a history channel. */

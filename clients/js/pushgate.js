@@ -30,7 +30,11 @@ const DEFAULTS = {
   refreshLead: 60000,
   refresh: true,
   authRetries: 3,
+  batch: true,
 };
+
+/** The subprotocol under which a text message carries one or more frames, one per line. */
+const BATCH_PROTOCOL = "pushgate.batch";
 
 /** A refused request, a failed connection or a client-side failure, with a `code`. */
 export class PushgateError extends Error {
@@ -257,7 +261,9 @@ export class Pushgate {
     let ws;
     try {
       if (!WS) throw new Error("no WebSocket implementation: pass options.WebSocket");
-      ws = new WS(socketUrl(base, this._token));
+      ws = this.options.batch
+        ? new WS(socketUrl(base, this._token), BATCH_PROTOCOL)
+        : new WS(socketUrl(base, this._token));
     } catch (err) {
       this._emit("error", new PushgateError("connect", String(err && err.message), { cause: err }));
       this._retry(this._backoff());
@@ -269,7 +275,14 @@ export class Pushgate {
       () => this._abandon(conn, "no welcome within " + this.options.connectTimeout + " ms", true),
       this.options.connectTimeout,
     );
-    ws.onmessage = (ev) => this._conn === conn && this._onFrame(conn, ev.data);
+    ws.onmessage = (ev) => {
+      if (this._conn !== conn) return;
+      // Under pushgate.batch a message holds one frame per line (frames hold no line feed).
+      if (ws.protocol !== BATCH_PROTOCOL) return this._onFrame(conn, ev.data);
+      for (const frame of String(ev.data).split("\n")) {
+        if (this._conn === conn) this._onFrame(conn, frame);
+      }
+    };
     ws.onerror = (ev) => {
       // Browsers say nothing about why a handshake failed; Node's `ws` names the HTTP status
       // or the network error.

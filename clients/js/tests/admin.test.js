@@ -15,7 +15,7 @@ import path from "node:path";
 import { after, before, describe, it } from "node:test";
 
 import { Pushgate } from "../pushgate.js";
-import { API_KEY, Inbox, NO_CHROMIUM, Node, ROOT, Redis, SHOTS, WebSocket, freePort, launchChromium, next, sleep, token } from "./helpers.js";
+import { API_KEY, Inbox, NO_CHROMIUM, Node, ROOT, Redis, SHOTS, WebSocket, freePort, launchChromium, next, sleep, token, SDK } from "./helpers.js";
 
 const NGINX = ["/usr/sbin/nginx", "/usr/bin/nginx"].find((p) => existsSync(p));
 const WAIT = 15000;
@@ -47,7 +47,7 @@ describe("admin console in Chromium", { skip: NO_CHROMIUM, timeout: 120000 }, ()
   async function join(node, user, channel) {
     // One fixed token: a client disconnected by the server then stays offline.
     const fixed = token(user, { channels: ["room:*"], publish: [] });
-    const client = new Pushgate(node.url, { getToken: () => fixed, WebSocket });
+    const client = new Pushgate(node.url, { ...SDK, getToken: () => fixed, WebSocket });
     clients.push(client);
     const inbox = new Inbox();
     const sub = client.subscribe(channel, inbox.push);

@@ -11,6 +11,9 @@ import WebSocket from "ws";
 
 export { WebSocket };
 
+/** Options every test client gets: `PUSHGATE_SDK_BATCH=0` runs the tests without batches. */
+export const SDK = { batch: process.env.PUSHGATE_SDK_BATCH !== "0" };
+
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
 export const BIN = process.env.PUSHGATE_BIN || path.join(ROOT, "target/debug/pushgate");
 export const SECRET = "pushgate-js-test-secret";

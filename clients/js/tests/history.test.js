@@ -9,7 +9,7 @@ import { existsSync } from "node:fs";
 import { after, before, describe, it } from "node:test";
 
 import { Pushgate } from "../pushgate.js";
-import { BIN, Inbox, Node, Redis, WebSocket, next, sleep, token } from "./helpers.js";
+import { BIN, Inbox, Node, Redis, WebSocket, next, sleep, token, SDK } from "./helpers.js";
 
 const supported = existsSync(BIN) && execFileSync(BIN, ["serve", "--help"]).toString().includes("--history");
 
@@ -41,7 +41,7 @@ describe("history channels", { skip: !supported && "this pushgate keeps no histo
           }
         }
       : WebSocket;
-    const c = new Pushgate(node.url, { WebSocket: WS, getToken: () => token(sub, { channels }), minDelay: 50, maxDelay: 500 });
+    const c = new Pushgate(node.url, { ...SDK, WebSocket: WS, getToken: () => token(sub, { channels }), minDelay: 50, maxDelay: 500 });
     clients.push(c);
     return c;
   }

@@ -5,7 +5,7 @@ import assert from "node:assert/strict";
 import { after, before, describe, it } from "node:test";
 
 import { Pushgate } from "../pushgate.js";
-import { Node, Redis, WebSocket, next, record, sleep, token } from "./helpers.js";
+import { Node, Redis, WebSocket, next, record, sleep, token, SDK } from "./helpers.js";
 
 describe("join and leave events", () => {
   let redis, n1, n2;
@@ -26,7 +26,7 @@ describe("join and leave events", () => {
   });
 
   function client(node, sub) {
-    const c = new Pushgate(node.url, { getToken: () => token(sub), WebSocket });
+    const c = new Pushgate(node.url, { ...SDK, getToken: () => token(sub), WebSocket });
     clients.push(c);
     return c;
   }

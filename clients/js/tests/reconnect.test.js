@@ -9,7 +9,7 @@ import { after, describe, it } from "node:test";
 const test = (name, fn) => it(name, { timeout: 30000 }, fn);
 
 import { Pushgate, decodeToken } from "../pushgate.js";
-import { Inbox, Node, Redis, WebSocket, next, record, sleep, token } from "./helpers.js";
+import { Inbox, Node, Redis, WebSocket, next, record, sleep, token, SDK } from "./helpers.js";
 
 /** A WebSocket that tells as little as a browser does: no HTTP status, no network error. */
 class BrowserLikeWebSocket extends WebSocket {
@@ -36,7 +36,7 @@ async function node(options) {
 }
 
 function client(url, options) {
-  const c = new Pushgate(url, { WebSocket, ...FAST, ...options });
+  const c = new Pushgate(url, { ...SDK, WebSocket, ...FAST, ...options });
   cleanup.push(() => c.close());
   return c;
 }

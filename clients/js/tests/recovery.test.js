@@ -7,7 +7,7 @@ import { after, before, describe, it } from "node:test";
 import { WebSocketServer } from "ws";
 
 import { Pushgate } from "../pushgate.js";
-import { Inbox, WebSocket, next, token } from "./helpers.js";
+import { Inbox, WebSocket, next, token, SDK } from "./helpers.js";
 
 /** A server that speaks the welcome and hands every request to the test. */
 class ScriptedServer {
@@ -64,7 +64,7 @@ describe("history channel hooks", { timeout: 30000 }, () => {
   });
 
   it("tracks positions, resubscribes with `since`, drops duplicates, surfaces `recovered`", async () => {
-    client = new Pushgate(server.url, { WebSocket, getToken: () => token("u"), minDelay: 10, maxDelay: 50 });
+    client = new Pushgate(server.url, { ...SDK, WebSocket, getToken: () => token("u"), minDelay: 10, maxDelay: 50 });
     const inbox = new Inbox();
     const sub = client.subscribe("chat:1", inbox.push);
     const subscribed = new Inbox();
@@ -117,7 +117,7 @@ describe("history channel hooks", { timeout: 30000 }, () => {
 
   it("history_lost: subscribes again from the last position and reports recovered: false", async () => {
     client?.close();
-    client = new Pushgate(server.url, { WebSocket, getToken: () => token("u") });
+    client = new Pushgate(server.url, { ...SDK, WebSocket, getToken: () => token("u") });
     const inbox = new Inbox();
     client.subscribe("chat:1", inbox.push);
     client.connect();
@@ -140,7 +140,7 @@ describe("history channel hooks", { timeout: 30000 }, () => {
 
   it("a subscribe may start from a stored position", async () => {
     client?.close();
-    client = new Pushgate(server.url, { WebSocket, getToken: () => token("u") });
+    client = new Pushgate(server.url, { ...SDK, WebSocket, getToken: () => token("u") });
     client.subscribe("chat:2", () => {}, { since: { offset: 7, epoch: "e9" } });
     client.connect();
     const { ws, frame } = await server.request("subscribe");
@@ -153,7 +153,7 @@ describe("history channel hooks", { timeout: 30000 }, () => {
 
   it("retries a subscribe the server could not do yet, forgets one the server ended", async () => {
     client?.close();
-    client = new Pushgate(server.url, { WebSocket, getToken: () => token("u") });
+    client = new Pushgate(server.url, { ...SDK, WebSocket, getToken: () => token("u") });
     const sub = client.subscribe("chat:3", () => {});
     client.connect();
     let { ws, frame } = await server.request("subscribe");

@@ -4,7 +4,7 @@ import assert from "node:assert/strict";
 import { after, before, describe, it } from "node:test";
 
 import { Pushgate, PushgateError, decodeToken } from "../pushgate.js";
-import { Inbox, Node, WebSocket, next, token } from "./helpers.js";
+import { Inbox, Node, WebSocket, next, token, SDK } from "./helpers.js";
 
 describe("requests and deliveries", () => {
   let node;
@@ -20,7 +20,7 @@ describe("requests and deliveries", () => {
   });
 
   function client(sub, grants, options = {}) {
-    const c = new Pushgate(node.url, { getToken: () => token(sub, grants), WebSocket, ...options });
+    const c = new Pushgate(node.url, { ...SDK, getToken: () => token(sub, grants), WebSocket, ...options });
     clients.push(c);
     return c;
   }
@@ -49,6 +49,21 @@ describe("requests and deliveries", () => {
     assert.deepEqual(msg.data, { text: "hi" });
     assert.equal(typeof msg.id, "string");
     assert.equal(typeof msg.ts, "number");
+  });
+
+  it("gets a burst whole and in order, batched by the node when asked for", async () => {
+    const dave = client("dave", { channels: ["burst"], publish: [] });
+    const erin = client("erin", { channels: [], publish: ["burst"] });
+    const inbox = new Inbox();
+    const sub = dave.subscribe("burst", inbox.push);
+    dave.connect();
+    await sub.ready;
+    assert.equal(dave._conn.ws.protocol, SDK.batch ? "pushgate.batch" : "");
+    erin.connect();
+    // Within the default burst of the rate limit; pipelined, so the node queues them together.
+    const count = 150;
+    await Promise.all(Array.from({ length: count }, (_, i) => erin.publish("burst", i)));
+    for (let i = 0; i < count; i++) assert.equal((await inbox.next()).data, i);
   });
 
   it("rejects refused requests with the server's code and message", async () => {

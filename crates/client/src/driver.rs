@@ -331,6 +331,9 @@ pub(crate) struct Driver {
     next_token: Option<String>,
     tls: Option<Arc<rustls::ClientConfig>>,
     next_id: u64,
+    /// The node of the current connection sends batches: several frames per text message, one
+    /// per line (subprotocol `pushgate.batch`).
+    batched: bool,
 }
 
 /// The client was asked to stop while the task waited for something else.
@@ -357,6 +360,7 @@ impl Driver {
             last_token: None,
             next_token: None,
             next_id: 1,
+            batched: false,
         }
     }
 
@@ -423,9 +427,13 @@ impl Driver {
                 return Ok(Next::Backoff);
             }
         };
-        let opening = open(url.clone(), token, connector, self.config.connect_timeout);
+        let (limit, batch) = (self.config.connect_timeout, self.config.batch);
+        let opening = open(url.clone(), token, connector, limit, batch);
         let (ws, session) = match self.offline(opening).await? {
-            Ok(opened) => opened,
+            Ok((ws, session, batched)) => {
+                self.batched = batched;
+                (ws, session)
+            }
             Err(outcome) => {
                 let (status, reason) = match &outcome {
                     Outcome::Refused { status, reason } => (Some(*status), reason.clone()),
@@ -680,6 +688,16 @@ impl Driver {
                     Some(Ok(message)) => {
                         last_heard = Instant::now();
                         match message {
+                            Message::Text(text) if self.batched => {
+                                let mut handled = Ok(());
+                                for line in text.split('\n') {
+                                    handled = self.on_frame(ws, pending, line, &mut retry, &mut retry_at).await;
+                                    if handled.is_err() {
+                                        break;
+                                    }
+                                }
+                                handled
+                            }
                             Message::Text(text) => self.on_frame(ws, pending, &text, &mut retry, &mut retry_at).await,
                             Message::Close(frame) => {
                                 let (code, reason) = frame
@@ -1086,13 +1104,17 @@ async fn drain(ws: &mut Ws) {
     .await;
 }
 
-/// Opens a connection and reads the welcome.
+/// The subprotocol under which a node sends several frames per text message, one per line.
+const BATCH_PROTOCOL: &str = "pushgate.batch";
+
+/// Opens a connection and reads the welcome; also says whether the node sends batches.
 async fn open(
     url: String,
     token: String,
     connector: Connector,
     limit: Duration,
-) -> Result<(Ws, Session), Outcome> {
+    batch: bool,
+) -> Result<(Ws, Session, bool), Outcome> {
     let mut request = url
         .as_str()
         .into_client_request()
@@ -1105,8 +1127,14 @@ async fn open(
             reason: "the token is not a valid HTTP header value (not sent)".into(),
         })?;
     request.headers_mut().insert("authorization", bearer);
+    if batch {
+        (request.headers_mut()).insert(
+            "sec-websocket-protocol",
+            tungstenite::http::HeaderValue::from_static(BATCH_PROTOCOL),
+        );
+    }
     let opening = async {
-        let (mut ws, _) =
+        let (mut ws, response) =
             tokio_tungstenite::connect_async_tls_with_config(request, None, true, Some(connector))
                 .await
                 .map_err(|e| match e {
@@ -1116,6 +1144,8 @@ async fn open(
                     },
                     other => Outcome::Lost(other.to_string()),
                 })?;
+        let batched = (response.headers().get("sec-websocket-protocol"))
+            .is_some_and(|p| p.as_bytes() == BATCH_PROTOCOL.as_bytes());
         loop {
             match ws.next().await {
                 None => return Err(Outcome::Lost("connection ended before the welcome".into())),
@@ -1134,7 +1164,7 @@ async fn open(
                             ping_interval: Duration::from_secs(ping_interval),
                             url: url.clone(),
                         };
-                        return Ok((ws, session));
+                        return Ok((ws, session, batched));
                     }
                     _ => {
                         return Err(Outcome::Lost(format!(

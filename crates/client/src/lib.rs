@@ -340,6 +340,7 @@ pub(crate) struct Config {
     pub(crate) connect_timeout: Duration,
     pub(crate) request_timeout: Duration,
     pub(crate) subscription_queue: usize,
+    pub(crate) batch: bool,
 }
 
 /// Builds a [`Client`]; from [`Client::builder`].
@@ -431,6 +432,15 @@ impl ClientBuilder {
     /// How long `publish`, `ping` and `refresh` wait for the reply (default 10 s).
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.config.request_timeout = timeout;
+        self
+    }
+
+    /// Whether to ask nodes for batches (subprotocol `pushgate.batch`, default on): deliveries
+    /// queued together on the node arrive in one WebSocket message, which saves per-message
+    /// overhead on both ends. Turn off only for nodes that predate it (the handshake would
+    /// fail).
+    pub fn batch(mut self, on: bool) -> Self {
+        self.config.batch = on;
         self
     }
 
@@ -545,6 +555,7 @@ impl Client {
                 connect_timeout: Duration::from_secs(10),
                 request_timeout: Duration::from_secs(10),
                 subscription_queue: 1024,
+                batch: true,
             },
             direct_queue: 1024,
             events_queue: 256,

@@ -514,3 +514,76 @@ async fn wss_with_a_private_ca() {
     );
     assert!(!matches!(untrusted.state(), State::Connected(_)));
 }
+
+#[tokio::test]
+async fn a_burst_batched_by_the_node_arrives_whole_and_in_order() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+
+    let redis = pushgate_tests::RedisServer::start();
+    let node = NodeProcess::spawn("n1", Some(&redis.url()), &[]).await;
+    let client = connect(&node).await;
+    let unbatched = tokio::time::timeout(
+        WAIT,
+        builder(node.ws_url())
+            .token(token_for("bob", 3600))
+            .batch(false)
+            .connect(),
+    )
+    .await
+    .expect("connect in time")
+    .expect("connect");
+    let mut rooms = [
+        client.subscribe("room:burst").await.unwrap(),
+        unbatched.subscribe("room:burst").await.unwrap(),
+    ];
+    // A plain connection that asks for batches, to see them on the wire.
+    let mut request = node.ws_url().into_client_request().unwrap();
+    let headers = request.headers_mut();
+    let bearer = format!("Bearer {}", token_for("carol", 3600));
+    headers.insert("authorization", bearer.parse().unwrap());
+    headers.insert("sec-websocket-protocol", "pushgate.batch".parse().unwrap());
+    let (mut raw, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(
+        response.headers()["sec-websocket-protocol"],
+        "pushgate.batch"
+    );
+    raw.next().await.unwrap().unwrap(); // the welcome
+    let subscribe = json!({"type": "subscribe", "id": 1, "channel": "room:burst"});
+    futures_util::SinkExt::send(&mut raw, Message::Text(subscribe.to_string().into()))
+        .await
+        .unwrap();
+    raw.next().await.unwrap().unwrap(); // the ack
+
+    // One script publishes the burst: the node reads it from Redis at once, and its sessions
+    // find many deliveries queued together.
+    const BURST: u64 = 300;
+    let script = "for i = 1, tonumber(ARGV[1]) do \
+                  redis.call('PUBLISH', KEYS[1], '{\"data\":' .. i .. '}') end";
+    let count = BURST.to_string();
+    redis
+        .command(&["EVAL", script, "1", "pushgate:ch:room:burst", &count])
+        .await;
+
+    for room in &mut rooms {
+        for i in 1..=BURST {
+            assert_eq!(next(room).await.data, json!(i));
+        }
+    }
+    let (mut frames, mut messages) = (0, 0);
+    while frames < BURST {
+        let Message::Text(text) = raw.next().await.unwrap().unwrap() else {
+            continue;
+        };
+        messages += 1;
+        for line in text.split('\n') {
+            frames += 1;
+            let frame: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(frame["data"], json!(frames));
+        }
+    }
+    assert!(
+        messages < BURST,
+        "{BURST} frames came in {messages} messages"
+    );
+}

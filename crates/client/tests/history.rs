@@ -23,6 +23,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, watch};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 
 const HISTORY: &[&str] = &["--history", "chat:*=200/10m"];
 
@@ -491,7 +492,19 @@ impl Script {
             .await
             .expect("the client connects in time")
             .unwrap();
-        let ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        // Like a node, it takes the batch subprotocol when offered (and sends one frame per
+        // message, which a batch may be).
+        #[allow(clippy::result_large_err)] // the callback's type is tungstenite's
+        let batch = |request: &Request, mut response: Response| {
+            if let Some(offered) = request.headers().get("sec-websocket-protocol") {
+                assert_eq!(offered, "pushgate.batch");
+                (response.headers_mut()).insert("sec-websocket-protocol", offered.clone());
+            }
+            Ok(response)
+        };
+        let ws = tokio_tungstenite::accept_hdr_async(tcp, batch)
+            .await
+            .unwrap();
         let mut conn = Conn { ws };
         conn.send(
             json!({"type": "welcome", "session": format!("script.{n}"), "user": "alice",

@@ -317,6 +317,9 @@ async fn admit_handshake(
     })
 }
 
+/// The subprotocol under which a text message carries one or more frames, one per line.
+pub const BATCH_PROTOCOL: &str = "pushgate.batch";
+
 fn configure(node: &Node, ws: WebSocketUpgrade) -> WebSocketUpgrade {
     // Messages over the node's limit get a `too_large` error; only far larger ones (which the
     // transport refuses to buffer) close the connection with 1009.
@@ -360,7 +363,11 @@ async fn ws(
     let admission = admit_client(&node, client)?;
     debug!(%client, user = %grant.user, "websocket accepted");
     Ok(configure(&node, upgrade)
-        .on_upgrade(move |socket: WebSocket| session::run(node, socket, grant, admission)))
+        .protocols([BATCH_PROTOCOL])
+        .on_upgrade(move |socket: WebSocket| {
+            let batch = socket.protocol().is_some_and(|p| p == BATCH_PROTOCOL);
+            session::run(node, socket, grant, admission, batch)
+        }))
 }
 
 /// Echoes every text and binary message back: for load-balancer checks and conformance tests.

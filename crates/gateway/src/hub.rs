@@ -32,7 +32,14 @@ pub struct Frame {
 }
 
 impl Frame {
-    pub fn message(text: String, ts: u64) -> Self {
+    pub fn message(mut text: String, ts: u64) -> Self {
+        // A frame is JSON, where a line feed can only be whitespace (a string cannot hold one
+        // unescaped), so as a space it means the same. Without line feeds, a batch
+        // (`pushgate.batch`) can put one frame per line. Data published by backends may be
+        // pretty-printed: this is the one place that holds it to that.
+        if text.contains('\n') {
+            text = text.replace('\n', " ");
+        }
         Self {
             text: text.into(),
             ts,

@@ -34,9 +34,11 @@ use crate::hub::{self, Frame, Queued, SessionHandle};
 use crate::metrics;
 use crate::node::{Admission, Node, Published, Submitted};
 
+mod batch;
 mod ordering;
 mod requests;
 
+use batch::Batching;
 use ordering::{Resume, Sub, Verdict, classify};
 
 /// Most queued deliveries written before one flush.
@@ -151,7 +153,7 @@ pub struct SseStart {
 }
 
 /// Serves one authenticated connection until it closes.
-pub async fn run<S, E>(node: Arc<Node>, socket: S, grant: Grant, admission: Admission)
+pub async fn run<S, E>(node: Arc<Node>, socket: S, grant: Grant, admission: Admission, batch: bool)
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Send + 'static,
     E: std::error::Error + Send + Sync + 'static,
@@ -160,6 +162,7 @@ where
     // Debug level: at the default level no span data is kept per connection.
     let span = debug_span!("session", session = %node.session_id(handle.id), user = %grant.user);
     let (sink, stream) = socket.split();
+    let sink = Batching::new(sink, batch);
     let session = Session::new(node, handle, grant, sink, false);
     session.serve(stream, None).instrument(span).await;
     drop(admission);
