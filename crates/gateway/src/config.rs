@@ -77,6 +77,19 @@ fn instance_id(s: &str) -> Result<String, String> {
     }
 }
 
+/// Whether `/ws` and `/echo` negotiate permessage-deflate with clients that offer it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Compression {
+    On,
+    Off,
+}
+
+impl Compression {
+    pub fn enabled(self) -> bool {
+        self == Self::On
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -261,6 +274,10 @@ pub struct ServeArgs {
     /// end); larger requests get 431. Bounds what a handshake may make a node hold.
     #[arg(long, env = "PUSHGATE_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
     pub max_header_bytes: usize,
+    /// permessage-deflate (RFC 7692) with clients that offer it: deliveries of 256 bytes and
+    /// more go out compressed, each compressed once per node for all its recipients.
+    #[arg(long, env = "PUSHGATE_COMPRESSION", value_enum, default_value = "on")]
+    pub compression: Compression,
     /// Sustained client requests per second per connection (token bucket).
     #[arg(long, env = "PUSHGATE_CLIENT_RATE", default_value_t = 100.0)]
     pub client_rate: f64,
@@ -453,6 +470,7 @@ mod tests {
         assert_eq!(args.redis_prefix, "pushgate");
         assert_eq!(args.max_message_bytes, 65536);
         assert_eq!(args.max_header_bytes, 16384);
+        assert_eq!(args.compression, Compression::On);
         assert_eq!(args.max_channels, 128);
         assert_eq!(args.ping_interval, Duration::from_secs(25));
         assert_eq!(args.drain_period, Duration::from_secs(10));

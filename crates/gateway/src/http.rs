@@ -9,9 +9,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{
-    CloseFrame, Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
-};
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
@@ -19,8 +16,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use pushgate_protocol::{RawJson, Target, close, validate_user};
+use pushgate_websocket::{Compression, SharedFrame};
 use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
@@ -31,6 +29,7 @@ use crate::auth::{AuthError, Grant};
 use crate::broker::BrokerError;
 use crate::node::{Admission, Node, Outgoing, Refusal, TOP_CHANNELS, parse_session_id};
 use crate::session;
+use crate::ws::{self, CloseFrame, Message};
 
 /// How long `/echo` waits to deliver its close reply.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -48,7 +47,7 @@ pub enum HttpError {
     /// A history message was published without the replicas `--history-min-replicas` asks.
     NotReplicated(String),
     Refused(Refusal),
-    NotWebSocket(WebSocketUpgradeRejection),
+    NotWebSocket(ws::NotWebSocket),
     BadRequest {
         field: Option<String>,
         reason: String,
@@ -317,24 +316,15 @@ async fn admit_handshake(
     })
 }
 
-/// The subprotocol under which a text message carries one or more frames, one per line.
-pub const BATCH_PROTOCOL: &str = "pushgate.batch";
-
-fn configure(node: &Node, ws: WebSocketUpgrade) -> WebSocketUpgrade {
-    // Messages over the node's limit get a `too_large` error; only far larger ones (which the
-    // transport refuses to buffer) close the connection with 1009.
-    let transport_limit = node.config.max_message_bytes.saturating_mul(4);
-    ws.max_message_size(transport_limit)
-        .max_frame_size(transport_limit)
-        // Reads: idle connections dominate and send little; a small chunk keeps each one's
-        // buffer (allocated and zero-filled per connection) at 512 bytes, which holds a few
-        // requests per read. Larger frames still arrive whole: the buffer grows to a frame's
-        // announced length.
-        .read_buffer_size(512)
-        // Writes: a batch of queued frames (up to 64, ~230 bytes each around a 100-byte
-        // payload) goes out in one send; at 4 KiB it took four, and sends are most of a
-        // fan-out's cost. The buffer grows only on connections that receive bursts.
-        .write_buffer_size(16 * 1024)
+/// What the handshake offers, from the node's settings.
+fn ws_settings(node: &Node) -> ws::Settings {
+    ws::Settings {
+        compression: node.config.compression.enabled(),
+        // Messages over the node's limit get a `too_large` error; only far larger ones close
+        // the connection with 1009.
+        max_message: node.config.max_message_bytes.saturating_mul(4),
+        batches: true,
+    }
 }
 
 /// The client's address: the TCP peer, or what a trusted proxy says (see [`crate::proxy`]).
@@ -355,19 +345,19 @@ async fn ws(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Query(query): Query<TokenQuery>,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    upgrade: Result<ws::Upgrade, ws::NotWebSocket>,
 ) -> Result<Response, HttpError> {
     let client = client_ip(&node, peer, &headers);
     let grant = admit_handshake(&node, &headers, &query).await?;
     let upgrade = upgrade.map_err(HttpError::NotWebSocket)?;
     let admission = admit_client(&node, client)?;
     debug!(%client, user = %grant.user, "websocket accepted");
-    Ok(configure(&node, upgrade)
-        .protocols([BATCH_PROTOCOL])
-        .on_upgrade(move |socket: WebSocket| {
-            let batch = socket.protocol().is_some_and(|p| p == BATCH_PROTOCOL);
-            session::run(node, socket, grant, admission, batch)
-        }))
+    let compressions = node.metrics.compressions.clone();
+    Ok(
+        upgrade.accept(ws_settings(&node), compressions, move |socket| {
+            session::run(node, socket, grant, admission)
+        }),
+    )
 }
 
 /// Echoes every text and binary message back: for load-balancer checks and conformance tests.
@@ -376,17 +366,20 @@ async fn echo(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Query(query): Query<TokenQuery>,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    upgrade: Result<ws::Upgrade, ws::NotWebSocket>,
 ) -> Result<Response, HttpError> {
     let client = client_ip(&node, peer, &headers);
     admit_handshake(&node, &headers, &query).await?;
     let upgrade = upgrade.map_err(HttpError::NotWebSocket)?;
     let admission = admit_client(&node, client)?;
-    Ok(
-        configure(&node, upgrade).on_upgrade(move |mut socket: WebSocket| async move {
+    let compressions = node.metrics.compressions.clone();
+    Ok(upgrade.accept(
+        ws_settings(&node),
+        compressions,
+        move |mut socket| async move {
             loop {
                 let msg = tokio::select! {
-                    msg = socket.recv() => msg,
+                    msg = socket.next() => msg,
                     () = node.drain_started() => {
                         let going_away = CloseFrame {
                             code: close::GOING_AWAY,
@@ -397,7 +390,14 @@ async fn echo(
                     }
                 };
                 let reply = match msg {
-                    Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => m,
+                    // As a delivery: compressed when deflate was negotiated and it is worth it.
+                    Some(Ok(Message::Text(text))) => Message::Shared(SharedFrame::new(
+                        text.into(),
+                        Compression {
+                            threshold: ws::COMPRESSION_THRESHOLD,
+                        },
+                    )),
+                    Some(Ok(m @ Message::Binary(_))) => m,
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                     Some(Err(e)) => {
                         if let Some(code) = session::violation(&e) {
@@ -418,8 +418,8 @@ async fn echo(
             // Sends the close reply queued when the client's close frame was read.
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.close()).await;
             drop(admission);
-        }),
-    )
+        },
+    ))
 }
 
 /// Liveness: 200 while the process serves HTTP, with the broker's state (which other nodes

@@ -15,8 +15,10 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use pushgate_protocol::close;
+use pushgate_websocket::{Compression, SharedFrame};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -24,9 +26,11 @@ use crate::metrics::Drops;
 
 /// An encoded text frame, shared by every recipient, with the timestamp of the message it
 /// carries: the delivery lag is measured from it when the frame is written to a socket.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Frame {
     pub text: Utf8Bytes,
+    /// The same text as a WebSocket message, compressed at most once for all recipients.
+    pub shared: SharedFrame,
     /// The message's `ts` (Unix milliseconds); 0 for a frame that is not a message.
     pub ts: u64,
 }
@@ -40,8 +44,13 @@ impl Frame {
         if text.contains('\n') {
             text = text.replace('\n', " ");
         }
+        let text = Utf8Bytes::from(text);
+        let compression = Compression {
+            threshold: crate::ws::COMPRESSION_THRESHOLD,
+        };
         Self {
-            text: text.into(),
+            shared: SharedFrame::new(Bytes::from(text.clone()), compression),
+            text,
             ts,
         }
     }
@@ -83,7 +92,7 @@ impl Tag {
 }
 
 /// One queued delivery: the shared frame and, on history channels, its tag.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Queued {
     pub frame: Frame,
     pub tag: Option<Arc<Tag>>,

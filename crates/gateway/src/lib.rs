@@ -22,6 +22,7 @@ pub mod server;
 pub mod session;
 pub mod sse;
 pub mod tls;
+pub mod ws;
 
 pub use config::ServeArgs;
 pub use server::Server;

@@ -104,6 +104,9 @@ pub struct Metrics {
     pub deliveries: Counter,
     /// Delivery frames serialized (one per message per node, whatever the recipient count).
     pub encodes: Counter,
+    /// Messages compressed for permessage-deflate connections (one per message per node at
+    /// most, whatever the number of connections that get it compressed).
+    pub compressions: Counter,
     pub drops: Drops,
     auth_failures: Family<Reason, Counter>,
     pub redis_up: Gauge,
@@ -179,6 +182,13 @@ impl Metrics {
             "message_encodes",
             "Message frames serialized (once per message, shared by all recipients)",
             encodes.clone(),
+        );
+        let compressions = Counter::default();
+        registry.register(
+            "message_compressions",
+            "Messages compressed for permessage-deflate (once per message, shared by all \
+             recipients that negotiated it)",
+            compressions.clone(),
         );
 
         let drops = Family::<Reason, Counter>::default();
@@ -295,6 +305,7 @@ impl Metrics {
             messages_in,
             deliveries,
             encodes,
+            compressions,
             drops,
             auth_failures,
             redis_up,

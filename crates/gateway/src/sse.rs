@@ -26,8 +26,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::ws::Message;
 use axum::Json;
-use axum::extract::ws::Message;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -270,6 +270,9 @@ impl Sink<Message> for EventSink {
     fn start_send(mut self: Pin<&mut Self>, msg: Message) -> Result<(), Self::Error> {
         let event = match msg {
             Message::Text(text) => self.event(text.as_str()),
+            Message::Shared(frame) => {
+                self.event(std::str::from_utf8(&frame.payload()).unwrap_or(""))
+            }
             Message::Ping(_) => Some(Event::default().comment("ping")),
             Message::Close(frame) => {
                 let (code, reason) = frame

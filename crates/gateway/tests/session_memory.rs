@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message};
 use futures_util::{Sink, Stream};
 use pushgate::ServeArgs;
 use pushgate::auth::Verifier;
 use pushgate::node::Node;
 use pushgate::session;
+use pushgate::ws::{CloseFrame, Message};
 use pushgate_tests::{SECRET, WAIT, token};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -90,6 +90,7 @@ impl Peer {
         loop {
             match self.next().await {
                 Message::Text(t) => return serde_json::from_str(&t).expect("JSON frame"),
+                Message::Shared(f) => return serde_json::from_slice(&f.payload()).expect("JSON"),
                 Message::Ping(_) | Message::Pong(_) => {}
                 other => panic!("expected a text frame, got {other:?}"),
             }
@@ -114,11 +115,6 @@ fn node(flags: &[&str]) -> Arc<Node> {
 }
 
 fn start(node: &Arc<Node>, token: &str, wait: Duration) -> Peer {
-    start_with(node, token, wait, false)
-}
-
-/// A session whose client asked for batches (`pushgate.batch`) when `batch`.
-fn start_with(node: &Arc<Node>, token: &str, wait: Duration, batch: bool) -> Peer {
     let grant = node.verifier.verify_held(token).expect("valid token");
     let admission = node
         .admit(IpAddr::V4(Ipv4Addr::LOCALHOST))
@@ -126,7 +122,7 @@ fn start_with(node: &Arc<Node>, token: &str, wait: Duration, batch: bool) -> Pee
     let (to_session, incoming) = mpsc::unbounded_channel();
     let (outgoing, from_session) = mpsc::unbounded_channel();
     let socket = MemorySocket { incoming, outgoing };
-    let task = tokio::spawn(session::run(node.clone(), socket, grant, admission, batch));
+    let task = tokio::spawn(session::run(node.clone(), socket, grant, admission));
     Peer {
         to_session: Some(to_session),
         from_session,
@@ -293,59 +289,7 @@ async fn an_idle_session_task_stays_small() {
     let (_to_session, incoming) = mpsc::unbounded_channel();
     let (outgoing, _from_session) = mpsc::unbounded_channel();
     let socket = MemorySocket { incoming, outgoing };
-    let session = session::run(node.clone(), socket, grant, admission, false);
+    let session = session::run(node.clone(), socket, grant, admission);
     let size = std::mem::size_of_val(&session);
     assert!(size <= 2048, "the session future is {size} bytes");
-}
-
-#[tokio::test]
-async fn deliveries_queued_together_go_out_as_one_batch_one_frame_per_line() {
-    let node = node(&[]);
-    let mut batched = start_with(&node, &token("alice", &["c"], &[]), WAIT, true);
-    let mut plain = start(&node, &token("bob", &["c"], &[]), WAIT);
-    for peer in [&mut batched, &mut plain] {
-        assert_eq!(peer.next_json().await["type"], "welcome");
-        peer.send_json(json!({"type": "subscribe", "id": 1, "channel": "c"}));
-        assert_eq!(peer.next_json().await, json!({"type": "ack", "id": 1}));
-    }
-    // Ten messages queued before either session runs again (one thread: the sessions run only
-    // when this test waits). Pretty-printed data holds line feeds, which are only whitespace.
-    let data = pushgate_protocol::RawJson::from_string("{\n  \"n\": [1,\n 2]\n}".into()).unwrap();
-    for _ in 0..10 {
-        let out = pushgate::node::Outgoing {
-            target: pushgate_protocol::Target::Channel("c"),
-            from: None,
-            data: &data,
-        };
-        node.publish(out).await.expect("published");
-    }
-    let Message::Text(batch) = batched.next().await else {
-        panic!("a text message");
-    };
-    let lines: Vec<Value> = batch
-        .split('\n')
-        .map(|line| serde_json::from_str(line).expect("one JSON frame per line"))
-        .collect();
-    assert_eq!(lines.len(), 10, "{batch}");
-    for line in &lines {
-        assert_eq!(line["type"], "message");
-        assert_eq!(line["data"], json!({"n": [1, 2]}));
-    }
-    // Without the subprotocol: one frame per message, the same frames.
-    for line in &lines {
-        let Message::Text(frame) = plain.next().await else {
-            panic!("a text message");
-        };
-        assert!(!frame.contains('\n'));
-        let frame: Value = serde_json::from_str(&frame).unwrap();
-        assert_eq!(frame["data"], line["data"]);
-    }
-    // A lone message is not held back for company.
-    let out = pushgate::node::Outgoing {
-        target: pushgate_protocol::Target::Channel("c"),
-        from: None,
-        data: &data,
-    };
-    node.publish(out).await.expect("published");
-    assert_eq!(batched.next_json().await["type"], "message");
 }

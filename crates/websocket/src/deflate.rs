@@ -145,57 +145,45 @@ impl Inflater {
     }
 }
 
-/// A text message formatted once and shared by every connection it goes to.
+/// A text message shared by every connection it goes to.
 ///
-/// Holds the plain wire frame and, computed on first demand, the compressed
-/// one. With `server_no_context_takeover` the compressed bytes are the same
-/// for every connection that negotiated deflate, so one compression serves
-/// the whole fan-out. Cloning is an `Arc` increment.
+/// Holds the payload (without a copy) and, computed on first demand, its
+/// compressed form. With `server_no_context_takeover` the compressed bytes are
+/// the same for every connection that negotiated deflate, so one compression
+/// serves the whole fan-out. Cloning is an `Arc` increment.
 #[derive(Clone)]
 pub struct SharedFrame(Arc<Inner>);
 
 struct Inner {
-    /// Complete unmasked text frame; the payload starts at `header_len`.
-    plain: Bytes,
-    header_len: usize,
+    payload: Bytes,
     threshold: usize,
     /// `None` inside: compression was tried and did not shrink the message.
-    deflated: OnceLock<Option<Deflated>>,
-}
-
-struct Deflated {
-    /// Complete frame with RSV1 set.
-    wire: Bytes,
-    header_len: usize,
+    deflated: OnceLock<Option<Bytes>>,
 }
 
 impl std::fmt::Debug for SharedFrame {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let deflated = self.0.deflated.get().map(|d| d.as_ref().map(Bytes::len));
         f.debug_struct("SharedFrame")
-            .field("len", &self.payload().len())
-            .field(
-                "deflated",
-                &self
-                    .0
-                    .deflated
-                    .get()
-                    .map(|d| d.as_ref().map(|d| d.wire.len())),
-            )
+            .field("len", &self.0.payload.len())
+            .field("deflated", &deflated)
             .finish()
     }
 }
 
+/// Equal when the payloads are.
+impl PartialEq for SharedFrame {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.payload == other.0.payload
+    }
+}
+
 impl SharedFrame {
-    /// Formats a text message. `payload` must be UTF-8; it is not checked here
+    /// A text message. `payload` must be UTF-8; it is not checked here
     /// because the gateway's payloads come from its own JSON encoder.
     pub fn new(payload: Bytes, compression: Compression) -> Self {
-        let (header, header_len) = frame::encode_header(true, false, TEXT, payload.len());
-        let mut plain = BytesMut::with_capacity(header_len + payload.len());
-        plain.put_slice(&header[..header_len]);
-        plain.put_slice(&payload);
         Self(Arc::new(Inner {
-            plain: plain.freeze(),
-            header_len,
+            payload,
             threshold: compression.threshold,
             deflated: OnceLock::new(),
         }))
@@ -203,36 +191,43 @@ impl SharedFrame {
 
     /// The text payload.
     pub fn payload(&self) -> Bytes {
-        self.0.plain.slice(self.0.header_len..)
+        self.0.payload.clone()
     }
 
     fn text(&self) -> &[u8] {
-        &self.0.plain[self.0.header_len..]
+        &self.0.payload
     }
 
-    /// The complete frame to write to one connection: the compressed form if
+    /// The complete frame for one connection: the compressed form if
     /// `deflate` (the connection negotiated permessage-deflate) and
     /// compression is worth it, else the plain form.
     pub fn wire(&self, deflate: bool) -> Bytes {
-        self.wire_counted(deflate).0
+        let mut out = BytesMut::new();
+        self.write_to(deflate, &mut out);
+        out.freeze()
     }
 
-    /// Like [`Self::wire`], and also whether this very call ran the
+    /// Appends the frame for one connection to `out` (its write buffer), as
+    /// [`Self::wire`] chooses it; returns whether this very call ran the
     /// compressor. Exactly one call per frame returns `true` (the first that
     /// needs the compressed form of a payload at or above the threshold, even
     /// if the result was not smaller and the plain form is used), which is
-    /// what `pushgate_message_compressions_total` counts.
-    pub fn wire_counted(&self, deflate: bool) -> (Bytes, bool) {
-        if !deflate {
-            return (self.0.plain.clone(), false);
+    /// what a compression counter counts.
+    pub fn write_to(&self, deflate: bool, out: &mut BytesMut) -> bool {
+        let (deflated, ran) = if deflate {
+            self.deflated()
+        } else {
+            (None, false)
+        };
+        match deflated {
+            Some(body) => frame::put(out, TEXT, true, body),
+            None => frame::put(out, TEXT, false, self.text()),
         }
-        let (deflated, ran) = self.deflated();
-        let wire = deflated.map_or_else(|| self.0.plain.clone(), |d| d.wire.clone());
-        (wire, ran)
+        ran
     }
 
-    /// The compressed form, computing it on first use; and whether this call computed it.
-    fn deflated(&self) -> (Option<&Deflated>, bool) {
+    /// The compressed payload, computing it on first use; and whether this call computed it.
+    fn deflated(&self) -> (Option<&[u8]>, bool) {
         let text = self.text();
         if text.len() < self.0.threshold {
             return (None, false);
@@ -241,20 +236,13 @@ impl SharedFrame {
         let deflated = self.0.deflated.get_or_init(|| {
             ran = true;
             let body = deflate_message(text).filter(|body| body.len() < text.len())?;
-            let (header, header_len) = frame::encode_header(true, true, TEXT, body.len());
-            let mut wire = BytesMut::with_capacity(header_len + body.len());
-            wire.put_slice(&header[..header_len]);
-            wire.put_slice(&body);
-            Some(Deflated {
-                wire: wire.freeze(),
-                header_len,
-            })
+            Some(Bytes::from(body))
         });
-        (deflated.as_ref(), ran)
+        (deflated.as_deref(), ran)
     }
 
     fn deflated_payload(&self) -> Option<&[u8]> {
-        self.deflated().0.map(|d| &d.wire[d.header_len..])
+        self.deflated().0
     }
 }
 
@@ -306,7 +294,9 @@ where
         return (frame::encode(TEXT, false, b""), 0);
     };
     if count == 1 {
-        return (first.wire(deflate), ran);
+        let mut out = BytesMut::new();
+        ran += usize::from(first.write_to(deflate, &mut out));
+        return (out.freeze(), ran);
     }
 
     if any_deflated {
@@ -409,6 +399,12 @@ mod tests {
     use crate::reader::tests::browser_deflate;
     use crate::{Config, FrameReader, Incoming};
     use proptest::prelude::*;
+
+    fn wire_counted(f: &SharedFrame, deflate: bool) -> (Bytes, bool) {
+        let mut out = BytesMut::new();
+        let ran = f.write_to(deflate, &mut out);
+        (out.freeze(), ran)
+    }
 
     /// Inflates like a browser would, independently of [`Inflater`]. A
     /// stored block with `!` follows the tail to prove the stream ended on a
@@ -529,7 +525,7 @@ mod tests {
     fn plain_wire_below_threshold() {
         let text = json(1, Compression::DEFAULT_THRESHOLD - 1);
         let f = shared(&text, Compression::DEFAULT_THRESHOLD);
-        assert_eq!(f.wire_counted(true), (f.wire(false), false));
+        assert_eq!(wire_counted(&f, true), (f.wire(false), false));
         assert!(!decodes_to(&f.wire(true), &text));
         assert_eq!(f.payload(), text.as_bytes());
     }
@@ -548,33 +544,32 @@ mod tests {
     #[test]
     fn incompressible_payload_stays_plain_but_counts() {
         let f = shared("a", 0);
-        let (wire, ran) = f.wire_counted(true);
+        let (wire, ran) = wire_counted(&f, true);
         assert!(ran);
         assert_eq!(wire, f.wire(false));
-        assert_eq!(f.wire_counted(true), (wire, false));
+        assert_eq!(wire_counted(&f, true), (wire, false));
     }
 
     #[test]
     fn compresses_once_across_calls_and_threads() {
         let f = shared(&json(7, 10_000), 256);
-        let first = f.wire(false);
-        assert_eq!(f.wire(false).as_ptr(), first.as_ptr());
+        assert_eq!(f.payload().as_ptr(), f.payload().as_ptr(), "no copy");
         let compressions: usize = std::thread::scope(|s| {
             let handles: Vec<_> = (0..8)
                 .map(|_| {
                     let f = f.clone();
-                    s.spawn(move || (0..200).filter(|_| f.wire_counted(true).1).count())
+                    s.spawn(move || (0..200).filter(|_| wire_counted(&f, true).1).count())
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).sum()
         });
         assert_eq!(compressions, 1);
         assert_eq!(
-            f.wire(true).as_ptr(),
-            f.wire(true).as_ptr(),
-            "same shared bytes"
+            f.deflated_payload().map(<[u8]>::as_ptr),
+            f.deflated_payload().map(<[u8]>::as_ptr),
+            "the same compressed bytes for every connection"
         );
-        assert!(!f.wire_counted(true).1);
+        assert!(!wire_counted(&f, true).1);
     }
 
     #[test]

@@ -103,11 +103,55 @@ pub(crate) fn encode_header(
 
 /// One complete, final, unmasked frame.
 pub(crate) fn encode(opcode: u8, rsv1: bool, payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(MAX_SERVER_HEADER + payload.len());
+    put(&mut out, opcode, rsv1, payload);
+    out.freeze()
+}
+
+/// Appends one complete, final, unmasked frame to `out` (a connection's write buffer).
+pub(crate) fn put(out: &mut BytesMut, opcode: u8, rsv1: bool, payload: &[u8]) {
     let (header, used) = encode_header(true, rsv1, opcode, payload.len());
-    let mut out = BytesMut::with_capacity(used + payload.len());
+    out.reserve(used + payload.len());
     out.put_slice(&header[..used]);
     out.put_slice(payload);
-    out.freeze()
+}
+
+/// Appends an uncompressed text message to `out`.
+pub fn put_text(out: &mut BytesMut, payload: &str) {
+    put(out, TEXT, false, payload.as_bytes());
+}
+
+/// Appends a binary message to `out`.
+pub fn put_binary(out: &mut BytesMut, payload: &[u8]) {
+    put(out, BINARY, false, payload);
+}
+
+/// Appends a ping to `out`; the payload is cut to 125 bytes like [`ping`].
+pub fn put_ping(out: &mut BytesMut, payload: &[u8]) {
+    put(
+        out,
+        PING,
+        false,
+        &payload[..payload.len().min(MAX_CONTROL_PAYLOAD)],
+    );
+}
+
+/// Appends a pong to `out`; the payload is cut to 125 bytes like [`pong`].
+pub fn put_pong(out: &mut BytesMut, payload: &[u8]) {
+    put(
+        out,
+        PONG,
+        false,
+        &payload[..payload.len().min(MAX_CONTROL_PAYLOAD)],
+    );
+}
+
+/// Appends a close frame to `out`: with a code and reason as [`close`] makes it, or empty.
+pub fn put_close(out: &mut BytesMut, code: Option<(u16, &str)>) {
+    match code {
+        Some((code, reason)) => out.extend_from_slice(&close(code, reason)),
+        None => put(out, CLOSE, false, b""),
+    }
 }
 
 /// A complete uncompressed text message.

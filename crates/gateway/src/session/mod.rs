@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message};
+use crate::ws::{CloseFrame, Message};
 use std::pin::Pin;
 use std::task::{Poll, ready};
 
@@ -34,11 +34,9 @@ use crate::hub::{self, Frame, Queued, SessionHandle};
 use crate::metrics;
 use crate::node::{Admission, Node, Published, Submitted};
 
-mod batch;
 mod ordering;
 mod requests;
 
-use batch::Batching;
 use ordering::{Resume, Sub, Verdict, classify};
 
 /// Most queued deliveries written before one flush.
@@ -153,7 +151,7 @@ pub struct SseStart {
 }
 
 /// Serves one authenticated connection until it closes.
-pub async fn run<S, E>(node: Arc<Node>, socket: S, grant: Grant, admission: Admission, batch: bool)
+pub async fn run<S, E>(node: Arc<Node>, socket: S, grant: Grant, admission: Admission)
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Send + 'static,
     E: std::error::Error + Send + Sync + 'static,
@@ -162,7 +160,6 @@ where
     // Debug level: at the default level no span data is kept per connection.
     let span = debug_span!("session", session = %node.session_id(handle.id), user = %grant.user);
     let (sink, stream) = socket.split();
-    let sink = Batching::new(sink, batch);
     let session = Session::new(node, handle, grant, sink, false);
     session.serve(stream, None).instrument(span).await;
     drop(admission);
@@ -190,28 +187,14 @@ pub async fn run_sse<W, R, E>(
 }
 
 /// The close code a failed read calls for, when the client broke the WebSocket protocol (rather
-/// than the connection breaking): 1009 for a message beyond the transport's limit, 1002 for a
-/// frame that breaks RFC 6455, 1007 for a text message that is not UTF-8.
+/// than the connection breaking): 1002 for a frame that breaks RFC 6455, 1007 for a text message
+/// that is not UTF-8, 1009 for a message beyond the transport's limit.
 pub(crate) fn violation<E: std::error::Error + 'static>(e: &E) -> Option<u16> {
-    use tungstenite::error::ProtocolError as P;
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
-        match err.downcast_ref::<tungstenite::Error>() {
-            Some(tungstenite::Error::Capacity(_)) => return Some(close::TOO_BIG),
-            Some(tungstenite::Error::Utf8(_)) => return Some(close::INVALID_PAYLOAD),
-            Some(tungstenite::Error::Protocol(
-                P::NonZeroReservedBits
-                | P::UnmaskedFrameFromClient
-                | P::FragmentedControlFrame
-                | P::ControlFrameTooBig
-                | P::UnknownControlFrameType(_)
-                | P::UnknownDataFrameType(_)
-                | P::UnexpectedContinueFrame
-                | P::ExpectedFragment(_)
-                | P::InvalidOpcode(_)
-                | P::InvalidCloseSequence,
-            )) => return Some(close::PROTOCOL_ERROR),
-            Some(_) => return None,
+        match err.downcast_ref::<crate::ws::Error>() {
+            Some(crate::ws::Error::Violation(v)) => return Some(v.code),
+            Some(crate::ws::Error::Io(_)) => return None,
             None => source = err.source(),
         }
     }
@@ -450,7 +433,7 @@ where
                                 let lag = &node.metrics.delivery_lag_seconds;
                                 lag.observe(metrics::lag_since(now, entry.frame.ts));
                             }
-                            sink.feed(Message::Text(entry.frame.text)).await?;
+                            sink.feed(Message::Shared(entry.frame.shared)).await?;
                             written += 1;
                         }
                         Verdict::Skip => {}
@@ -575,7 +558,7 @@ where
                     let lag = &node.metrics.delivery_lag_seconds;
                     lag.observe(metrics::lag_since(now, frame.ts));
                 }
-                sink.feed(Message::Text(frame.text)).await?;
+                sink.feed(Message::Shared(frame.shared)).await?;
             }
             sink.flush().await
         };

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::ws::Message;
+use crate::ws::Message;
 use futures_util::Sink;
 use pushgate_protocol::server::{
     UNSUBSCRIBED_REVOKED, encode_ack, encode_error, encode_history, encode_pong, encode_presence,
@@ -37,7 +37,8 @@ where
                 )
                 .await
             }
-            Message::Ping(_) | Message::Pong(_) => Ok(()),
+            // Shared frames go to clients, never come from them.
+            Message::Ping(_) | Message::Pong(_) | Message::Shared(_) => Ok(()),
             Message::Close(_) => Err(Stop::ClosedByClient),
         }
     }

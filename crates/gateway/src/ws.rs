@@ -1,0 +1,465 @@
+//! The WebSocket layer of `/ws` and `/echo`: the handshake (permessage-deflate, the batch
+//! subprotocol), and a socket over hyper's upgraded connection that frames, compresses and
+//! batches with [`pushgate_websocket`].
+//!
+//! Sessions see a `Stream` + `Sink` of [`Message`]. A delivery is a [`Message::Shared`]: the
+//! frame every recipient shares, so that on connections that negotiated deflate it is
+//! compressed once per node, not once per connection. An idle connection holds no read or
+//! write buffer and no compression state: reads go through a buffer on the stack, writes
+//! through one dropped once written, and client messages are inflated with the worker
+//! thread's inflater (we ask for `client_no_context_takeover`).
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::{Sink, Stream};
+use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
+use pushgate_websocket::{
+    Compression, Config, FrameReader, Incoming, Inflater, SharedFrame, Violation,
+    batch_wire_counted, frame,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+pub use axum::extract::ws::{CloseFrame, Utf8Bytes};
+
+/// The subprotocol under which a text message carries one or more frames, one per line.
+pub const BATCH_PROTOCOL: &str = "pushgate.batch";
+
+/// Deliveries below this many bytes go out uncompressed (see [`Compression`]).
+pub const COMPRESSION_THRESHOLD: usize = Compression::DEFAULT_THRESHOLD;
+
+/// The most payload bytes joined into one batch: a batch stays within what clients accept as one
+/// message.
+const MAX_BATCH_BYTES: usize = 64 * 1024;
+
+/// Past this many bytes waiting in a connection's write buffer, the socket takes no more until
+/// some are written: the session's write timeout then deals with a client that reads too slowly.
+const WRITE_HIGH_WATER: usize = 64 * 1024;
+
+/// Bytes read from the socket at a time, through a buffer on the stack.
+const READ_CHUNK: usize = 4096;
+
+/// A message to or from a client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    Text(Utf8Bytes),
+    Binary(Bytes),
+    Ping(Bytes),
+    Pong(Bytes),
+    Close(Option<CloseFrame>),
+    /// A delivery, formatted (and compressed) once for every connection it goes to.
+    Shared(SharedFrame),
+}
+
+/// Why a socket failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The client broke the protocol: close with this violation's code.
+    #[error(transparent)]
+    Violation(#[from] Violation),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// What `/ws` and `/echo` offer at the handshake.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Negotiate permessage-deflate when the client offers it (`--compression`).
+    pub compression: bool,
+    /// Largest message a client may send; larger ones close the connection with 1009.
+    pub max_message: usize,
+    /// Accept the batch subprotocol when the client offers it.
+    pub batches: bool,
+}
+
+/// A WebSocket handshake, checked: the request was a `GET` with the upgrade headers of RFC 6455.
+pub struct Upgrade {
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    accept: String,
+    extensions: Option<String>,
+    batch_offered: bool,
+}
+
+/// A request that is not a WebSocket handshake; answered in plain text.
+#[derive(Debug, thiserror::Error)]
+pub enum NotWebSocket {
+    #[error("request method must be `GET`")]
+    Method,
+    #[error("Connection header did not include 'upgrade'")]
+    Connection,
+    #[error("`Upgrade` header did not include 'websocket'")]
+    Upgrade,
+    #[error("`Sec-WebSocket-Version` header did not include '13'")]
+    Version,
+    #[error("`Sec-WebSocket-Key` header missing")]
+    Key,
+    #[error("WebSocket request couldn't be upgraded since no upgrade state was present")]
+    NotUpgradable,
+}
+
+impl IntoResponse for NotWebSocket {
+    fn into_response(self) -> Response {
+        let status = match self {
+            Self::Method => StatusCode::METHOD_NOT_ALLOWED,
+            Self::NotUpgradable => StatusCode::UPGRADE_REQUIRED,
+            Self::Connection | Self::Upgrade | Self::Version | Self::Key => StatusCode::BAD_REQUEST,
+        };
+        (status, self.to_string()).into_response()
+    }
+}
+
+/// Whether a comma-separated header holds `token` (case-insensitive), on any of its lines.
+fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    (headers.get_all(name).iter())
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
+    type Rejection = NotWebSocket;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, NotWebSocket> {
+        if parts.method != Method::GET {
+            return Err(NotWebSocket::Method);
+        }
+        let headers = &parts.headers;
+        if !header_has(headers, header::CONNECTION, "upgrade") {
+            return Err(NotWebSocket::Connection);
+        }
+        if !header_has(headers, header::UPGRADE, "websocket") {
+            return Err(NotWebSocket::Upgrade);
+        }
+        if headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .map(HeaderValue::as_bytes)
+            != Some(b"13")
+        {
+            return Err(NotWebSocket::Version);
+        }
+        let key = (headers.get(header::SEC_WEBSOCKET_KEY)).ok_or(NotWebSocket::Key)?;
+        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+        // Several extension header lines are one list (RFC 7230 §3.2.2).
+        let offers: Vec<&str> = (headers.get_all(header::SEC_WEBSOCKET_EXTENSIONS).iter())
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let extensions = (!offers.is_empty()).then(|| offers.join(", "));
+        let batch_offered = header_has(headers, header::SEC_WEBSOCKET_PROTOCOL, BATCH_PROTOCOL);
+        let on_upgrade = (parts.extensions)
+            .remove::<hyper::upgrade::OnUpgrade>()
+            .ok_or(NotWebSocket::NotUpgradable)?;
+        Ok(Self {
+            on_upgrade,
+            accept,
+            extensions,
+            batch_offered,
+        })
+    }
+}
+
+impl Upgrade {
+    /// Answers 101 with what was negotiated, and runs `serve` on the socket once the connection
+    /// is switched. `compressions` counts the messages this socket compresses first.
+    pub fn accept<F, Fut>(self, settings: Settings, compressions: Counter, serve: F) -> Response
+    where
+        F: FnOnce(WebSocket<TokioIo<hyper::upgrade::Upgraded>>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let deflate = (self.extensions.as_deref())
+            .filter(|_| settings.compression)
+            .and_then(pushgate_websocket::negotiate);
+        let batch = settings.batches && self.batch_offered;
+        let mut response = Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, "websocket")
+            .header(header::SEC_WEBSOCKET_ACCEPT, self.accept);
+        if let Some(deflate) = &deflate {
+            response = response.header(header::SEC_WEBSOCKET_EXTENSIONS, deflate.response());
+        }
+        if batch {
+            response = response.header(header::SEC_WEBSOCKET_PROTOCOL, BATCH_PROTOCOL);
+        }
+        let on_upgrade = self.on_upgrade;
+        let options = Options {
+            deflate: deflate.is_some(),
+            batch,
+            max_message: settings.max_message,
+            compressions,
+        };
+        tokio::spawn(async move {
+            let Ok(upgraded) = on_upgrade.await else {
+                return;
+            };
+            serve(WebSocket::new(TokioIo::new(upgraded), options)).await;
+        });
+        response
+            .body(axum::body::Body::empty())
+            .expect("a valid 101 response")
+    }
+}
+
+/// What the handshake settled for one connection.
+pub struct Options {
+    pub deflate: bool,
+    pub batch: bool,
+    pub max_message: usize,
+    pub compressions: Counter,
+}
+
+thread_local! {
+    /// Inflates client messages of every connection this worker thread serves: each message is
+    /// inflated from a fresh state (`client_no_context_takeover`), so none is kept per connection.
+    static INFLATER: RefCell<Inflater> = RefCell::new(Inflater::new());
+}
+
+/// A server-side WebSocket over `io`.
+pub struct WebSocket<S> {
+    io: S,
+    reader: FrameReader,
+    /// Bytes read and not yet made into a message; empty (and unallocated) between messages.
+    read_buf: BytesMut,
+    /// Encoded frames not yet written; dropped once written.
+    write_buf: BytesMut,
+    /// Deliveries fed since the last flush, joined into one message at the flush (batch mode).
+    batch: Vec<SharedFrame>,
+    batch_bytes: usize,
+    deflate: bool,
+    batching: bool,
+    /// Counts compressions, on connections that negotiated deflate.
+    compressions: Option<Counter>,
+    close_sent: bool,
+    close_received: bool,
+    /// A violation or the end of the stream: nothing more is read.
+    read_done: bool,
+}
+
+impl<S> WebSocket<S> {
+    pub fn new(io: S, options: Options) -> Self {
+        Self {
+            io,
+            reader: FrameReader::new(Config {
+                max_message: options.max_message,
+                deflate: options.deflate,
+            }),
+            read_buf: BytesMut::new(),
+            write_buf: BytesMut::new(),
+            batch: Vec::new(),
+            batch_bytes: 0,
+            deflate: options.deflate,
+            batching: options.batch,
+            compressions: options.deflate.then_some(options.compressions),
+            close_sent: false,
+            close_received: false,
+            read_done: false,
+        }
+    }
+
+    /// Whether permessage-deflate was negotiated.
+    pub fn deflate(&self) -> bool {
+        self.deflate
+    }
+
+    /// Whether the client asked for batches.
+    pub fn batching(&self) -> bool {
+        self.batching
+    }
+
+    fn count_compressions(&self, n: usize) {
+        if let Some(counter) = &self.compressions
+            && n > 0
+        {
+            counter.inc_by(n as u64);
+        }
+    }
+
+    /// Moves the batched deliveries into the write buffer, as one message.
+    fn end_batch(&mut self) {
+        match self.batch.len() {
+            0 => {}
+            1 => {
+                let frame = self.batch.pop().expect("one");
+                let ran = frame.write_to(self.deflate, &mut self.write_buf);
+                self.count_compressions(usize::from(ran));
+            }
+            _ => {
+                let (wire, ran) = batch_wire_counted(&self.batch, self.deflate);
+                self.count_compressions(ran);
+                self.write_buf.extend_from_slice(&wire);
+                self.batch.clear();
+            }
+        }
+        self.batch_bytes = 0;
+        if self.batch.capacity() > 64 {
+            self.batch = Vec::new();
+        }
+    }
+
+    fn encode(&mut self, message: Message) {
+        if let Message::Shared(frame) = message {
+            if self.batching {
+                let len = frame.payload().len();
+                if self.batch_bytes + len > MAX_BATCH_BYTES {
+                    self.end_batch();
+                }
+                self.batch_bytes += len + 1;
+                self.batch.push(frame);
+            } else {
+                let ran = frame.write_to(self.deflate, &mut self.write_buf);
+                self.count_compressions(usize::from(ran));
+            }
+            return;
+        }
+        // Anything else keeps its place after the deliveries fed before it.
+        self.end_batch();
+        let out = &mut self.write_buf;
+        match message {
+            Message::Text(text) => frame::put_text(out, &text),
+            Message::Binary(data) => frame::put_binary(out, &data),
+            Message::Ping(data) => frame::put_ping(out, &data),
+            Message::Pong(data) => frame::put_pong(out, &data),
+            Message::Close(close) => {
+                // One close frame per connection (RFC 6455 §5.5.1).
+                if !self.close_sent {
+                    self.close_sent = true;
+                    frame::put_close(out, close.as_ref().map(|c| (c.code, c.reason.as_str())));
+                }
+            }
+            Message::Shared(_) => unreachable!("handled above"),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
+    /// Writes the write buffer out; drops it once empty, so that idle connections hold none.
+    fn poll_write_buf(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.write_buf.is_empty() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.write_buf))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.write_buf.advance(n);
+        }
+        self.write_buf = BytesMut::new();
+        Poll::Ready(Ok(()))
+    }
+
+    /// The next message from what was read, reading more as needed.
+    fn poll_read_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, Error>>> {
+        loop {
+            let read =
+                INFLATER.with_borrow_mut(|inflater| self.reader.read(&mut self.read_buf, inflater));
+            match read {
+                Ok(Some(incoming)) => {
+                    if self.read_buf.is_empty() {
+                        self.read_buf = BytesMut::new();
+                    }
+                    return Poll::Ready(Some(Ok(self.on_incoming(incoming)?)));
+                }
+                Ok(None) => {}
+                Err(violation) => {
+                    self.read_done = true;
+                    return Poll::Ready(Some(Err(violation.into())));
+                }
+            }
+            let mut chunk = [0u8; READ_CHUNK];
+            let mut buf = ReadBuf::new(&mut chunk);
+            ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
+            if buf.filled().is_empty() {
+                self.read_done = true;
+                return Poll::Ready(None);
+            }
+            self.read_buf.extend_from_slice(buf.filled());
+        }
+    }
+
+    fn on_incoming(&mut self, incoming: Incoming) -> Result<Message, Error> {
+        Ok(match incoming {
+            // The reader checked the UTF-8 already; this conversion checks it once more.
+            Incoming::Text(text) => {
+                Message::Text(Utf8Bytes::try_from(text).map_err(|_| Violation {
+                    code: Violation::INVALID_PAYLOAD,
+                    reason: "invalid UTF-8",
+                })?)
+            }
+            Incoming::Binary(data) => Message::Binary(data),
+            Incoming::Ping(data) => {
+                // Answered here, as RFC 6455 §5.5.2 asks; written with the next write or read.
+                self.end_batch();
+                frame::put_pong(&mut self.write_buf, &data);
+                Message::Ping(data)
+            }
+            Incoming::Pong(data) => Message::Pong(data),
+            Incoming::Close(close) => {
+                self.close_received = true;
+                self.read_done = true;
+                let close = close.map(|(code, reason)| CloseFrame {
+                    code,
+                    reason: reason.into(),
+                });
+                // The reply echoes the client's code; the session's next flush sends it.
+                self.encode(Message::Close(close.clone()));
+                Message::Close(close)
+            }
+        })
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Stream for WebSocket<S> {
+    type Item = Result<Message, Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        // Pongs and a close reply go out without waiting for the session's next write; a write
+        // that cannot proceed now is retried on the next call.
+        if !this.write_buf.is_empty()
+            && let Poll::Ready(Err(e)) = this.poll_write_buf(cx)
+        {
+            this.read_done = true;
+            return Poll::Ready(Some(Err(e.into())));
+        }
+        if this.read_done {
+            return Poll::Ready(None);
+        }
+        this.poll_read_message(cx)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Message> for WebSocket<S> {
+    type Error = Error;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let this = self.get_mut();
+        if this.write_buf.len() >= WRITE_HIGH_WATER {
+            ready!(this.poll_write_buf(cx))?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn start_send(self: Pin<&mut Self>, message: Message) -> Result<(), Error> {
+        self.get_mut().encode(message);
+        Ok(())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let this = self.get_mut();
+        this.end_batch();
+        ready!(this.poll_write_buf(cx))?;
+        Poll::Ready(Ok(ready!(Pin::new(&mut this.io).poll_flush(cx))?))
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        ready!(self.as_mut().poll_flush(cx))?;
+        let this = self.get_mut();
+        Poll::Ready(Ok(ready!(Pin::new(&mut this.io).poll_shutdown(cx))?))
+    }
+}
