@@ -45,6 +45,17 @@ describe("demo chat in Chromium", { skip: NO_CHROMIUM, timeout: 120000 }, () => 
     page.setDefaultTimeout(WAIT);
     const errors = [];
     page.on("pageerror", (err) => errors.push(err));
+    // Keeps the page's sockets, to read what each negotiated.
+    await page.addInitScript(() => {
+      const Native = window.WebSocket;
+      window.__sockets = [];
+      window.WebSocket = class extends Native {
+        constructor(...args) {
+          super(...args);
+          window.__sockets.push(this);
+        }
+      };
+    });
     await page.goto(`${node.base}/?name=${name}&room=${room}`);
     await shot(page, `chat-0-${name}-join.png`);
     await page.click("#join-button");
@@ -90,6 +101,14 @@ describe("demo chat in Chromium", { skip: NO_CHROMIUM, timeout: 120000 }, () => 
     const b = await open(n2, "bob");
     assert.match(await a.page.textContent("#status"), /connected · node n1/);
     assert.match(await b.page.textContent("#status"), /connected · node n2/);
+    // Chromium offers permessage-deflate and the SDK asks for batches: the node takes both.
+    for (const { page } of [a, b]) {
+      const negotiated = await page.evaluate(() => window.__sockets.map((s) => [s.extensions, s.protocol]));
+      assert.deepEqual(negotiated.at(-1), [
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+        "pushgate.batch",
+      ]);
+    }
 
     // Nobody has said anything yet: the online list can only come from presence.
     await online(a.page, { alice: "n1", bob: "n2" });

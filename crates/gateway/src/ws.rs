@@ -430,7 +430,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for WebSocket<S> {
         if this.read_done {
             return Poll::Ready(None);
         }
-        this.poll_read_message(cx)
+        let message = ready!(this.poll_read_message(cx));
+        // A pong or close reply just queued goes out now if the socket takes it; a write error
+        // shows on the next call.
+        if !this.write_buf.is_empty() {
+            let _ = this.poll_write_buf(cx);
+        }
+        Poll::Ready(message)
     }
 }
 
@@ -461,5 +467,192 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sink<Message> for WebSocket<S> {
         ready!(self.as_mut().poll_flush(cx))?;
         let this = self.get_mut();
         Poll::Ready(Ok(ready!(Pin::new(&mut this.io).poll_shutdown(cx))?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    /// A server socket and the client's end of the connection.
+    fn pair(deflate: bool, batch: bool, compressions: &Counter) -> (WebSocket<DuplexStream>, Peer) {
+        let (server, client) = tokio::io::duplex(1 << 20);
+        let options = Options {
+            deflate,
+            batch,
+            max_message: 1 << 20,
+            compressions: compressions.clone(),
+        };
+        let reader = FrameReader::client(Config {
+            max_message: 1 << 20,
+            deflate,
+        });
+        let peer = Peer {
+            io: client,
+            reader,
+            buf: BytesMut::new(),
+        };
+        (WebSocket::new(server, options), peer)
+    }
+
+    /// The client's side, decoding what the server wrote with the same codec.
+    struct Peer {
+        io: DuplexStream,
+        reader: FrameReader,
+        buf: BytesMut,
+    }
+
+    impl Peer {
+        async fn next(&mut self) -> Incoming {
+            let mut inflater = Inflater::new();
+            loop {
+                if let Some(message) = self.reader.read(&mut self.buf, &mut inflater).unwrap() {
+                    return message;
+                }
+                let mut chunk = [0u8; 4096];
+                let n = self.io.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "the server closed the connection");
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+
+        /// The raw bytes of the next frame, whatever it holds (the header's first byte first).
+        async fn raw_first_byte(&mut self) -> u8 {
+            while self.buf.is_empty() {
+                let mut chunk = [0u8; 4096];
+                let n = self.io.read(&mut chunk).await.unwrap();
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+            self.buf[0]
+        }
+
+        /// Sends a masked frame, as a client must.
+        async fn send(&mut self, opcode: u8, payload: &[u8]) {
+            let key = [1, 2, 3, 4];
+            let mut frame = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+            frame.extend_from_slice(&key);
+            frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+            self.io.write_all(&frame).await.unwrap();
+        }
+    }
+
+    fn shared(text: &str) -> Message {
+        let compression = Compression {
+            threshold: COMPRESSION_THRESHOLD,
+        };
+        Message::Shared(SharedFrame::new(Bytes::from(text.to_owned()), compression))
+    }
+
+    fn json(size: usize) -> String {
+        let item = r#"{"symbol":"ACME","price":101.25,"volume":1200},"#;
+        let items = item.repeat(size / item.len() + 1);
+        format!(
+            r#"{{"type":"message","channel":"quotes","data":[{}]}}"#,
+            items.trim_end_matches(',')
+        )
+    }
+
+    #[tokio::test]
+    async fn a_delivery_is_compressed_once_for_every_deflate_connection() {
+        let compressions = Counter::default();
+        let text = json(2000);
+        let Message::Shared(frame) = shared(&text) else {
+            unreachable!()
+        };
+        let mut peers = Vec::new();
+        for deflate in [true, true, false] {
+            let (mut server, mut peer) = pair(deflate, false, &compressions);
+            server.send(Message::Shared(frame.clone())).await.unwrap();
+            let rsv1 = peer.raw_first_byte().await & 0x40 != 0;
+            assert_eq!(rsv1, deflate, "compressed exactly on deflate connections");
+            let Incoming::Text(got) = peer.next().await else {
+                panic!("a text message")
+            };
+            assert_eq!(got, text.as_bytes(), "the same bytes, compressed or not");
+            peers.push((server, peer));
+        }
+        assert_eq!(compressions.get(), 1, "one compression for two connections");
+        // Below the threshold a delivery goes out plain, and costs no compression.
+        let (mut server, mut peer) = pair(true, false, &compressions);
+        server
+            .send(shared(r#"{"type":"message","data":1}"#))
+            .await
+            .unwrap();
+        assert_eq!(peer.raw_first_byte().await & 0x40, 0);
+        assert_eq!(compressions.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn deliveries_fed_together_go_out_as_one_batch_and_anything_else_keeps_its_place() {
+        let compressions = Counter::default();
+        for deflate in [false, true] {
+            let (mut server, mut peer) = pair(deflate, true, &compressions);
+            let big = json(1000);
+            for text in ["a", big.as_str(), "c"] {
+                server.feed(shared(text)).await.unwrap();
+            }
+            server.feed(Message::Text("reply".into())).await.unwrap();
+            server.feed(shared("d")).await.unwrap();
+            server.flush().await.unwrap();
+            let Incoming::Text(batch) = peer.next().await else {
+                panic!("a text message")
+            };
+            assert_eq!(
+                batch,
+                format!("a\n{big}\nc").as_bytes(),
+                "deflate {deflate}"
+            );
+            for expected in ["reply", "d"] {
+                let Incoming::Text(got) = peer.next().await else {
+                    panic!("a text message")
+                };
+                assert_eq!(got, expected.as_bytes());
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn pings_are_answered_and_a_close_is_echoed_without_the_session() {
+        let compressions = Counter::default();
+        let (mut server, mut peer) = pair(false, false, &compressions);
+        peer.send(0x9, b"hi").await;
+        assert_eq!(
+            server.next().await.unwrap().unwrap(),
+            Message::Ping("hi".into())
+        );
+        // The pong went out while the session only read.
+        assert_eq!(peer.next().await, Incoming::Pong("hi".into()));
+        peer.send(0x8, &[0x03, 0xe8]).await;
+        let Message::Close(Some(close)) = server.next().await.unwrap().unwrap() else {
+            panic!("a close")
+        };
+        assert_eq!(close.code, 1000);
+        assert_eq!(
+            peer.next().await,
+            Incoming::Close(Some((1000, String::new())))
+        );
+        assert!(
+            server.next().await.is_none(),
+            "nothing is read after a close"
+        );
+        server.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_violation_ends_reading_with_its_code() {
+        let compressions = Counter::default();
+        let (mut server, mut peer) = pair(false, false, &compressions);
+        // A text frame with RSV1 set, on a connection without deflate.
+        peer.io
+            .write_all(&[0x80 | 0x40 | 0x1, 0x80, 1, 2, 3, 4])
+            .await
+            .unwrap();
+        let Err(Error::Violation(violation)) = server.next().await.unwrap() else {
+            panic!("a violation")
+        };
+        assert_eq!(violation.code, 1002);
+        assert!(server.next().await.is_none());
     }
 }
