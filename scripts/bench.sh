@@ -255,10 +255,17 @@ for base in range(20000, 50000, 10):
       p=$(free_port); node "$p"
       run idle-pushgate $B idle --url "ws://127.0.0.1:$p/ws" --pid "$NODE" -n 15000 -c 64
       kill "$NODE"; wait "$NODE" 2>/dev/null || true
+      # The same with permessage-deflate negotiated on every connection.
+      p=$(free_port); node "$p"
+      PUSHGATE_BENCH_DEFLATE=offer run idle-pushgate-deflate $B idle --url "ws://127.0.0.1:$p/ws" \
+        --pid "$NODE" -n 15000 -c 64
+      kill "$NODE"; wait "$NODE" 2>/dev/null || true
       run idle-baseline $B baseline idle -n 15000 -c 64 ;;
     connect)
       p=$(free_port); node "$p"
       run connect-pushgate $B connect --url "ws://127.0.0.1:$p/ws" -c 64 --duration 10s
+      PUSHGATE_BENCH_DEFLATE=offer run connect-pushgate-deflate $B connect \
+        --url "ws://127.0.0.1:$p/ws" -c 64 --duration 10s
       kill "$NODE"; wait "$NODE" 2>/dev/null || true
       run connect-baseline $B baseline connect -c 64 --duration 10s ;;
     fanout)

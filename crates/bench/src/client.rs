@@ -31,6 +31,12 @@ pub fn ws_config() -> WebSocketConfig {
         .write_buffer_size(16 * 1024)
 }
 
+/// `PUSHGATE_BENCH_DEFLATE=offer`: connections offer permessage-deflate, so that the node
+/// negotiates it on every one (`bench.sh idle` and `connect` measure that too).
+fn offer_deflate() -> bool {
+    std::env::var("PUSHGATE_BENCH_DEFLATE").is_ok_and(|v| v == "offer")
+}
+
 /// A short, countable reason for a failure.
 pub fn describe(e: &tungstenite::Error) -> String {
     match e {
@@ -51,6 +57,12 @@ pub async fn open(url: &str, token: Option<&str>, channel: Option<&str>) -> Resu
         let value = HeaderValue::from_str(&format!("Bearer {token}"))
             .map_err(|_| "token is not a valid header value".to_owned())?;
         request.headers_mut().insert(AUTHORIZATION, value);
+    }
+    if offer_deflate() {
+        // Offered as browsers do. Only for runs whose clients receive nothing but replies and
+        // plain frames (idle, connect): this client cannot inflate.
+        let offer = HeaderValue::from_static("permessage-deflate; client_max_window_bits");
+        (request.headers_mut()).insert("sec-websocket-extensions", offer);
     }
     let (mut ws, _) =
         tokio_tungstenite::connect_async_with_config(request, Some(ws_config()), true)

@@ -274,7 +274,7 @@ pub struct ServeArgs {
     /// end); larger requests get 431. Bounds what a handshake may make a node hold.
     #[arg(long, env = "PUSHGATE_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
     pub max_header_bytes: usize,
-    /// permessage-deflate (RFC 7692) with clients that offer it: deliveries of 256 bytes and
+    /// permessage-deflate (RFC 7692) with clients that offer it: deliveries of 128 bytes and
     /// more go out compressed, each compressed once per node for all its recipients.
     #[arg(long, env = "PUSHGATE_COMPRESSION", value_enum, default_value = "on")]
     pub compression: Compression,
