@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs the Autobahn|Testsuite cases 1.x-10.x against a pushgate node's /echo endpoint.
+# Runs the Autobahn|Testsuite against a pushgate node's /echo endpoint: cases 1.x-10.x, or the
+# CASES given (e.g. '12.*,13.*', the permessage-deflate groups).
 #
-#   scripts/autobahn.sh AUTOBAHN_DIR [OUTDIR]
+#   scripts/autobahn.sh AUTOBAHN_DIR [OUTDIR] [CASES]
 #
 # AUTOBAHN_DIR holds run.sh (a Python 3 runner of the suite). Reports land in OUTDIR
 # (default target/autobahn). Exits non-zero unless every case is OK, NON-STRICT or INFORMATIONAL.
@@ -26,4 +27,4 @@ for _ in $(seq 1 200); do
   sleep 0.05
 done
 token=$(PUSHGATE_JWT_SECRET="$secret" "$bin" token --sub autobahn --ttl 2h)
-bash "$autobahn_dir/run.sh" "ws://127.0.0.1:$port/echo?token=$token" "$outdir"
+bash "$autobahn_dir/run.sh" "ws://127.0.0.1:$port/echo?token=$token" "$outdir" ${3:+"$3"}

@@ -24,8 +24,8 @@ use futures_util::{Sink, Stream};
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use pushgate_websocket::{
-    Compression, Config, FrameReader, Incoming, Inflater, SharedFrame, Violation,
-    batch_wire_counted, frame,
+    Compression, Config, Encoding, FrameReader, Incoming, Inflater, SharedFrame, Violation,
+    batch_wire_with, frame,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -191,7 +191,7 @@ impl Upgrade {
         }
         let on_upgrade = self.on_upgrade;
         let options = Options {
-            deflate: deflate.is_some(),
+            encoding: deflate.map_or(Encoding::Plain, |d| d.encoding()),
             batch,
             max_message: settings.max_message,
             compressions,
@@ -210,7 +210,8 @@ impl Upgrade {
 
 /// What the handshake settled for one connection.
 pub struct Options {
-    pub deflate: bool,
+    /// Plain, or permessage-deflate within the client's window.
+    pub encoding: Encoding,
     pub batch: bool,
     pub max_message: usize,
     pub compressions: Counter,
@@ -233,7 +234,7 @@ pub struct WebSocket<S> {
     /// Deliveries fed since the last flush, joined into one message at the flush (batch mode).
     batch: Vec<SharedFrame>,
     batch_bytes: usize,
-    deflate: bool,
+    encoding: Encoding,
     batching: bool,
     /// Counts compressions, on connections that negotiated deflate.
     compressions: Option<Counter>,
@@ -245,19 +246,20 @@ pub struct WebSocket<S> {
 
 impl<S> WebSocket<S> {
     pub fn new(io: S, options: Options) -> Self {
+        let deflate = options.encoding != Encoding::Plain;
         Self {
             io,
             reader: FrameReader::new(Config {
                 max_message: options.max_message,
-                deflate: options.deflate,
+                deflate,
             }),
             read_buf: BytesMut::new(),
             write_buf: BytesMut::new(),
             batch: Vec::new(),
             batch_bytes: 0,
-            deflate: options.deflate,
+            encoding: options.encoding,
             batching: options.batch,
-            compressions: options.deflate.then_some(options.compressions),
+            compressions: deflate.then_some(options.compressions),
             close_sent: false,
             close_received: false,
             read_done: false,
@@ -266,7 +268,7 @@ impl<S> WebSocket<S> {
 
     /// Whether permessage-deflate was negotiated.
     pub fn deflate(&self) -> bool {
-        self.deflate
+        self.encoding != Encoding::Plain
     }
 
     /// Whether the client asked for batches.
@@ -288,11 +290,11 @@ impl<S> WebSocket<S> {
             0 => {}
             1 => {
                 let frame = self.batch.pop().expect("one");
-                let ran = frame.write_to(self.deflate, &mut self.write_buf);
+                let ran = frame.write_with(self.encoding, &mut self.write_buf);
                 self.count_compressions(usize::from(ran));
             }
             _ => {
-                let (wire, ran) = batch_wire_counted(&self.batch, self.deflate);
+                let (wire, ran) = batch_wire_with(&self.batch, self.encoding);
                 self.count_compressions(ran);
                 self.write_buf.extend_from_slice(&wire);
                 self.batch.clear();
@@ -314,7 +316,7 @@ impl<S> WebSocket<S> {
                 self.batch_bytes += len + 1;
                 self.batch.push(frame);
             } else {
-                let ran = frame.write_to(self.deflate, &mut self.write_buf);
+                let ran = frame.write_with(self.encoding, &mut self.write_buf);
                 self.count_compressions(usize::from(ran));
             }
             return;
@@ -480,7 +482,7 @@ mod tests {
     fn pair(deflate: bool, batch: bool, compressions: &Counter) -> (WebSocket<DuplexStream>, Peer) {
         let (server, client) = tokio::io::duplex(1 << 20);
         let options = Options {
-            deflate,
+            encoding: deflate.into(),
             batch,
             max_message: 1 << 20,
             compressions: compressions.clone(),

@@ -16,6 +16,31 @@ const SYNC_TAIL: [u8; 4] = [0x00, 0x00, 0xFF, 0xFF];
 /// Largest payload of one stored deflate block (RFC 1951 §3.2.4).
 const MAX_STORED: usize = 0xFFFF;
 
+/// How a connection takes messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Plain,
+    /// permessage-deflate: messages up to `max_len` bytes may go compressed
+    /// (the client's window bounds it; see [`crate::Deflate::encoding`]).
+    Deflate {
+        max_len: usize,
+    },
+}
+
+impl Encoding {
+    /// permessage-deflate with a full 32 KiB client window.
+    pub const DEFLATE: Self = Self::Deflate {
+        max_len: usize::MAX,
+    };
+}
+
+impl From<bool> for Encoding {
+    /// `true`: [`Encoding::DEFLATE`].
+    fn from(deflate: bool) -> Self {
+        if deflate { Self::DEFLATE } else { Self::Plain }
+    }
+}
+
 /// When to compress outgoing messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Compression {
@@ -213,11 +238,12 @@ impl SharedFrame {
     /// if the result was not smaller and the plain form is used), which is
     /// what a compression counter counts.
     pub fn write_to(&self, deflate: bool, out: &mut BytesMut) -> bool {
-        let (deflated, ran) = if deflate {
-            self.deflated()
-        } else {
-            (None, false)
-        };
+        self.write_with(Encoding::from(deflate), out)
+    }
+
+    /// Like [`Self::write_to`], for a connection that takes `encoding`.
+    pub fn write_with(&self, encoding: Encoding, out: &mut BytesMut) -> bool {
+        let (deflated, ran) = self.deflated_for(encoding);
         match deflated {
             Some(body) => frame::put(out, TEXT, true, body),
             None => frame::put(out, TEXT, false, self.text()),
@@ -240,6 +266,15 @@ impl SharedFrame {
         (deflated.as_deref(), ran)
     }
 
+    /// The compressed payload if `encoding` takes it (computing it on first use).
+    fn deflated_for(&self, encoding: Encoding) -> (Option<&[u8]>, bool) {
+        match encoding {
+            Encoding::Deflate { max_len } if self.text().len() <= max_len => self.deflated(),
+            _ => (None, false),
+        }
+    }
+
+    #[cfg(test)]
     fn deflated_payload(&self) -> Option<&[u8]> {
         self.deflated().0
     }
@@ -275,6 +310,16 @@ where
     I: IntoIterator<Item = &'a SharedFrame>,
     I::IntoIter: Clone,
 {
+    batch_wire_with(frames, Encoding::from(deflate))
+}
+
+/// Like [`batch_wire_counted`], for a connection that takes `encoding`: a
+/// piece longer than its window goes in as stored blocks.
+pub fn batch_wire_with<'a, I>(frames: I, encoding: Encoding) -> (Bytes, usize)
+where
+    I: IntoIterator<Item = &'a SharedFrame>,
+    I::IntoIter: Clone,
+{
     let frames = frames.into_iter();
     let (mut count, mut plain_len, mut ran, mut any_deflated) = (0usize, 0usize, 0usize, false);
     let mut first = None;
@@ -282,11 +327,9 @@ where
         first.get_or_insert(f);
         count += 1;
         plain_len += f.text().len();
-        if deflate {
-            let (deflated, did_run) = f.deflated();
-            any_deflated |= deflated.is_some();
-            ran += usize::from(did_run);
-        }
+        let (deflated, did_run) = f.deflated_for(encoding);
+        any_deflated |= deflated.is_some();
+        ran += usize::from(did_run);
     }
     plain_len += count.saturating_sub(1);
     let Some(first) = first else {
@@ -294,14 +337,14 @@ where
     };
     if count == 1 {
         let mut out = BytesMut::new();
-        ran += usize::from(first.write_to(deflate, &mut out));
+        ran += usize::from(first.write_with(encoding, &mut out));
         return (out.freeze(), ran);
     }
 
     if any_deflated {
         let mut w = StoredWriter::new();
         for (i, f) in frames.clone().enumerate() {
-            match f.deflated_payload() {
+            match f.deflated_for(encoding).0 {
                 Some(piece) => {
                     if i > 0 {
                         w.literal(true, b"");
@@ -669,5 +712,30 @@ mod tests {
             let compressed = decodes_to(&wire, &texts.join("\n"));
             prop_assert!(deflate || !compressed);
         }
+    }
+
+    #[test]
+    fn a_small_client_window_takes_compressed_only_messages_that_fit_it() {
+        let encoding = Encoding::Deflate { max_len: 1024 };
+        let (small, large) = (shared(&json(1, 600), 0), shared(&json(2, 3000), 0));
+        assert!(small.text().len() <= 1024 && large.text().len() > 1024);
+        let mut out = BytesMut::new();
+        small.write_with(encoding, &mut out);
+        assert_eq!(out[0] & 0x40, 0x40, "fits the window: compressed");
+        out.clear();
+        large.write_with(encoding, &mut out);
+        assert_eq!(out[0] & 0x40, 0, "longer than the window: plain");
+        // In a batch the long one goes in as stored blocks, and the batch still reads back.
+        let (wire, _) = batch_wire_with([&small, &large], encoding);
+        let (rsv1, payload) = split_frame(&wire);
+        assert!(rsv1);
+        let joined = [small.text(), large.text()].join(&b'\n');
+        assert_eq!(inflate_raw(payload), joined);
+        // The long piece is stored verbatim: its text appears as is.
+        assert!(
+            payload
+                .windows(large.text().len())
+                .any(|w| w == large.text())
+        );
     }
 }

@@ -1,5 +1,7 @@
 //! permessage-deflate negotiation (RFC 7692 §5, §7.1) for the server side.
 
+use crate::Encoding;
+
 /// permessage-deflate was accepted; carries the response header value.
 ///
 /// We always answer `server_no_context_takeover` (compressed messages do not
@@ -8,16 +10,31 @@
 /// per-connection state); RFC 7692 §7.1.1 lets a server add both unasked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deflate {
-    response: &'static str,
+    /// The client's `server_max_window_bits`, when it sent one.
+    server_window_bits: Option<u8>,
 }
 
 const RESPONSE: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
-const RESPONSE_SERVER_BITS: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=15";
 
 impl Deflate {
     /// Value for the `Sec-WebSocket-Extensions` response header.
-    pub fn response(&self) -> &'static str {
-        self.response
+    pub fn response(&self) -> String {
+        match self.server_window_bits {
+            None => RESPONSE.to_owned(),
+            Some(bits) => format!("{RESPONSE}; server_max_window_bits={bits}"),
+        }
+    }
+
+    /// How this connection takes messages: compressed, up to the length its window allows.
+    ///
+    /// Every message is compressed from an empty window, so its back-references
+    /// reach no further back than its own length: a message no longer than the
+    /// client's window (2^`server_max_window_bits`) is valid for it whatever
+    /// window it was compressed with. Longer ones go out plain on such a
+    /// connection, so one compressed form still serves every connection.
+    pub fn encoding(&self) -> Encoding {
+        let max_len = self.server_window_bits.map_or(usize::MAX, |bits| 1 << bits);
+        Encoding::Deflate { max_len }
     }
 }
 
@@ -27,10 +44,9 @@ impl Deflate {
 ///
 /// An offer is declined, and the next one tried, if it has an unknown or
 /// repeated parameter or an invalid value (RFC 7692 §7). Window bits:
-/// - `server_max_window_bits=N` with N < 15 is declined: flate2's default
-///   backend always compresses with a 32 KiB window, and a shared compressed
-///   frame cannot be tailored per connection. `=15` is accepted and echoed,
-///   as §7.1.2.1 says an accepted offer with this parameter is answered with it.
+/// - `server_max_window_bits=N` is accepted and echoed, as §7.1.2.1 says an
+///   accepted offer with this parameter is answered with it; below 15 it
+///   limits which messages go compressed (see [`Deflate::encoding`]).
 /// - `client_max_window_bits` (bare, as browsers send it, or `=N`) only
 ///   limits the client; we inflate with a 32 KiB window, which reads any
 ///   client window, so it is not echoed and the client keeps its own
@@ -53,6 +69,7 @@ fn accept(offer: &str) -> Option<Deflate> {
         return None;
     }
     let mut seen = [false; 4];
+    let mut server_window_bits = None;
     for param in parts {
         let (name, value) = match param.split_once('=') {
             Some((name, value)) => (name.trim(), Some(unquote(value.trim())?)),
@@ -71,19 +88,14 @@ fn accept(offer: &str) -> Option<Deflate> {
         }
         match (index, value.as_deref()) {
             (SERVER_NO_CONTEXT | CLIENT_NO_CONTEXT, None) | (CLIENT_BITS, None) => {}
-            (SERVER_BITS, Some(bits)) if window_bits(bits)? == 15 => {}
+            (SERVER_BITS, Some(bits)) => server_window_bits = Some(window_bits(bits)?),
             (CLIENT_BITS, Some(bits)) => {
                 window_bits(bits)?;
             }
             _ => return None,
         }
     }
-    let response = if seen[SERVER_BITS] {
-        RESPONSE_SERVER_BITS
-    } else {
-        RESPONSE
-    };
-    Some(Deflate { response })
+    Some(Deflate { server_window_bits })
 }
 
 /// A window size: a decimal 8-15 without leading zeros (RFC 7692 §7.1.2).
@@ -131,7 +143,9 @@ fn split_unquoted(s: &str, sep: u8) -> Vec<&str> {
 mod tests {
     use super::*;
 
-    fn response(header: &str) -> Option<&'static str> {
+    const RESPONSE_SERVER_BITS: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=15";
+
+    fn response(header: &str) -> Option<String> {
         negotiate(header).map(|d| d.response())
     }
 
@@ -140,28 +154,29 @@ mod tests {
         // Chrome and Firefox both send this.
         assert_eq!(
             response("permessage-deflate; client_max_window_bits"),
-            Some(RESPONSE)
+            Some(RESPONSE.into())
         );
-        assert_eq!(response("permessage-deflate"), Some(RESPONSE));
+        assert_eq!(response("permessage-deflate"), Some(RESPONSE.into()));
     }
 
     #[test]
-    fn small_server_window_declined_next_offer_accepted() {
+    fn a_small_server_window_is_echoed_and_bounds_what_goes_compressed() {
+        let offer = "permessage-deflate; server_max_window_bits=10, permessage-deflate";
+        let deflate = negotiate(offer).unwrap();
         assert_eq!(
-            response("permessage-deflate; server_max_window_bits=10"),
-            None
+            deflate.response(),
+            format!("{RESPONSE}; server_max_window_bits=10")
         );
-        assert_eq!(
-            response("permessage-deflate; server_max_window_bits=10, permessage-deflate"),
-            Some(RESPONSE)
-        );
+        assert_eq!(deflate.encoding(), Encoding::Deflate { max_len: 1024 });
+        let any = negotiate("permessage-deflate").unwrap().encoding();
+        assert_eq!(any, Encoding::DEFLATE);
     }
 
     #[test]
     fn server_window_15_accepted_and_echoed() {
         assert_eq!(
             response("permessage-deflate; server_max_window_bits=15"),
-            Some(RESPONSE_SERVER_BITS)
+            Some(RESPONSE_SERVER_BITS.into())
         );
     }
 
@@ -169,7 +184,7 @@ mod tests {
     fn full_offer_accepted() {
         let offer = "permessage-deflate; server_no_context_takeover; client_no_context_takeover; \
                      server_max_window_bits=15; client_max_window_bits=9";
-        assert_eq!(response(offer), Some(RESPONSE_SERVER_BITS));
+        assert_eq!(response(offer), Some(RESPONSE_SERVER_BITS.into()));
     }
 
     #[test]
@@ -177,7 +192,7 @@ mod tests {
         assert_eq!(response("permessage-deflate; foo"), None);
         assert_eq!(
             response("permessage-deflate; foo=1, permessage-deflate"),
-            Some(RESPONSE)
+            Some(RESPONSE.into())
         );
     }
 
@@ -214,15 +229,15 @@ mod tests {
     fn quoted_values() {
         assert_eq!(
             response("permessage-deflate; client_max_window_bits=\"10\""),
-            Some(RESPONSE)
+            Some(RESPONSE.into())
         );
         assert_eq!(
             response("permessage-deflate; server_max_window_bits=\"15\""),
-            Some(RESPONSE_SERVER_BITS)
+            Some(RESPONSE_SERVER_BITS.into())
         );
         assert_eq!(
             response("permessage-deflate; client_max_window_bits=\"1\\0\""),
-            Some(RESPONSE)
+            Some(RESPONSE.into())
         );
     }
 
@@ -230,11 +245,11 @@ mod tests {
     fn other_extensions_skipped() {
         assert_eq!(
             response("x-webkit-deflate-frame, permessage-deflate"),
-            Some(RESPONSE)
+            Some(RESPONSE.into())
         );
         assert_eq!(
             response("foo; bar=\"a,b\"; baz, permessage-deflate"),
-            Some(RESPONSE)
+            Some(RESPONSE.into())
         );
         assert_eq!(response("x-webkit-deflate-frame"), None);
     }
