@@ -2,7 +2,7 @@
 # Runs the scenarios of BENCHMARKS.md back to back, pushgate then the baseline for each, and
 # keeps every run's output in target/bench/ (one .txt per run; the JSON lines start with '{').
 #
-#   scripts/bench.sh [mission] [idle] [connect] [fanout] [cross] [small] [history] [socketio] [scale]
+#   scripts/bench.sh [mission] [idle] [connect] [fanout] [deflate] [cross] [small] [history] [socketio] [scale]
 #                                                          (default: all but socketio and scale)
 #
 # `mission` is the headline: Redis and two nodes, subscribers on both, publishers on the first,
@@ -291,6 +291,32 @@ for base in range(20000, 50000, 10):
         run "fanout-findmax-baseline-$round" $B baseline fanout "${findmax[@]}"
       done
       python3 scripts/fanout_summary.py "$out" | tee "$out/fanout-summary.txt" ;;
+    deflate)
+      # Fan-out with permessage-deflate on every subscriber (which inflates every message)
+      # against the same without, round by round: 10,000 subscribers, a backlog drained at
+      # full speed as in fanout.
+      saturated=(-s 10000 -p 1 --payload-size "${DEFLATE_PAYLOAD:-100}" -r 250 --duration 4s)
+      rm -f "$out"/deflate-*.txt
+      for round in $(seq 1 "${DEFLATE_ROUNDS:-3}"); do
+        for mode in plain inflate; do
+          p=$(free_port); node "$p"
+          [[ $mode == inflate ]] && export PUSHGATE_BENCH_DEFLATE=inflate
+          # The node's own CPU time (user + system, in clock ticks) over the run.
+          before=$(awk '{print $14 + $15}' "/proc/$NODE/stat")
+          run "deflate-$mode-$round" $B fanout --url "ws://127.0.0.1:$p/ws" "${saturated[@]}"
+          after=$(awk '{print $14 + $15}' "/proc/$NODE/stat")
+          unset PUSHGATE_BENCH_DEFLATE
+          echo "node cpu ticks: $((after - before)) (of $(getconf CLK_TCK)/s)" | tee -a "$out/deflate-$mode-$round.txt"
+          curl -fsS "http://127.0.0.1:$p/metrics" | grep -E '^pushgate_(message_compressions|deliveries)_total' \
+            | tee -a "$out/deflate-$mode-$round.txt"
+          kill "$NODE"; wait "$NODE" 2>/dev/null || true
+        done
+      done
+      for f in "$out"/deflate-*-[0-9]*.txt; do
+        printf '%s deliveries/s %s, %s\n' "$(basename "$f" .txt)" \
+          "$(grep -o '"deliveries_per_sec":[0-9.]*' "$f" | tail -1 | cut -d: -f2)" \
+          "$(grep -o 'node cpu ticks: [0-9]*' "$f")"
+      done | tee "$out/deflate-summary.txt" ;;
     cross|small|history)
       rp=$(free_port)
       redis-server --port "$rp" --save '' --appendonly no >/dev/null & pids+=($!)

@@ -11,14 +11,16 @@ use pushgate_protocol::RawJson;
 use pushgate_protocol::server::ServerFrame;
 use serde::Deserialize;
 use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::http::header::AUTHORIZATION;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+use crate::inflate::BenchTcp;
+
+pub type Ws = WebSocketStream<BenchTcp>;
 
 /// How long one connection may take to open (handshake, welcome, subscribe ack).
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
@@ -32,9 +34,33 @@ pub fn ws_config() -> WebSocketConfig {
 }
 
 /// `PUSHGATE_BENCH_DEFLATE=offer`: connections offer permessage-deflate, so that the node
-/// negotiates it on every one (`bench.sh idle` and `connect` measure that too).
+/// negotiates it on every one (for runs that receive only small frames: idle, connect);
+/// `=inflate`: they offer it and inflate what comes compressed (fan-out runs).
 fn offer_deflate() -> bool {
-    std::env::var("PUSHGATE_BENCH_DEFLATE").is_ok_and(|v| v == "offer")
+    std::env::var("PUSHGATE_BENCH_DEFLATE").is_ok_and(|v| v == "offer" || v == "inflate")
+}
+
+fn inflate() -> bool {
+    std::env::var("PUSHGATE_BENCH_DEFLATE").is_ok_and(|v| v == "inflate")
+}
+
+/// The WebSocket handshake of `request`, over a TCP connection made here (Nagle off).
+pub async fn connect(
+    request: tungstenite::handshake::client::Request,
+) -> Result<Ws, tungstenite::Error> {
+    let uri = request.uri();
+    let host = uri
+        .host()
+        .unwrap_or("127.0.0.1")
+        .trim_matches(['[', ']'])
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(80);
+    let tcp = TcpStream::connect((host.as_str(), port)).await?;
+    tcp.set_nodelay(true)?;
+    let stream = BenchTcp::new(tcp, inflate());
+    let (ws, _) =
+        tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config())).await?;
+    Ok(ws)
 }
 
 /// A short, countable reason for a failure.
@@ -59,15 +85,11 @@ pub async fn open(url: &str, token: Option<&str>, channel: Option<&str>) -> Resu
         request.headers_mut().insert(AUTHORIZATION, value);
     }
     if offer_deflate() {
-        // Offered as browsers do. Only for runs whose clients receive nothing but replies and
-        // plain frames (idle, connect): this client cannot inflate.
+        // Offered as browsers do.
         let offer = HeaderValue::from_static("permessage-deflate; client_max_window_bits");
         (request.headers_mut()).insert("sec-websocket-extensions", offer);
     }
-    let (mut ws, _) =
-        tokio_tungstenite::connect_async_with_config(request, Some(ws_config()), true)
-            .await
-            .map_err(|e| describe(&e))?;
+    let mut ws = connect(request).await.map_err(|e| describe(&e))?;
     if token.is_some() {
         match next_frame(&mut ws).await? {
             ServerFrame::Welcome { .. } => {}

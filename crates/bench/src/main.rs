@@ -7,6 +7,7 @@
 mod baseline;
 mod cli;
 mod client;
+mod inflate;
 mod limits;
 mod payload;
 mod publish;

@@ -9,6 +9,7 @@
 
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::client::{self, Ws};
 
@@ -36,13 +37,12 @@ pub fn endpoint(url: &str) -> String {
 
 /// Connects to the main namespace; given a `room`, joins it and waits for the server's ack.
 pub async fn open(url: &str, room: Option<&str>) -> Result<Ws, String> {
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(
-        endpoint(url),
-        Some(client::ws_config()),
-        true,
-    )
-    .await
-    .map_err(|e| client::describe(&e))?;
+    let request = endpoint(url)
+        .into_client_request()
+        .map_err(|e| client::describe(&e))?;
+    let mut ws = client::connect(request)
+        .await
+        .map_err(|e| client::describe(&e))?;
     let open = next_text(&mut ws).await?;
     if !open.starts_with('0') {
         return Err(format!(

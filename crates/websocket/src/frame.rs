@@ -121,6 +121,12 @@ pub fn put_text(out: &mut BytesMut, payload: &str) {
     put(out, TEXT, false, payload.as_bytes());
 }
 
+/// Appends an uncompressed text message to `out`; `payload` must be UTF-8 (a text message's
+/// payload as a reader returned it).
+pub fn put_text_bytes(out: &mut BytesMut, payload: &[u8]) {
+    put(out, TEXT, false, payload);
+}
+
 /// Appends a binary message to `out`.
 pub fn put_binary(out: &mut BytesMut, payload: &[u8]) {
     put(out, BINARY, false, payload);
