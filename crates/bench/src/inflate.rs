@@ -63,7 +63,7 @@ impl Inflate {
         {
             let out = &mut self.out;
             match message {
-                Incoming::Text(text) => frame::put_text_bytes(out, &text),
+                Incoming::Text(text) => frame::put_text(out, &text),
                 Incoming::Binary(data) => frame::put_binary(out, &data),
                 Incoming::Ping(data) => frame::put_ping(out, &data),
                 Incoming::Pong(data) => frame::put_pong(out, &data),

@@ -18,7 +18,6 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use pushgate_protocol::{RawJson, Target, close, validate_user};
-use pushgate_websocket::{Compression, SharedFrame};
 use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
@@ -27,6 +26,7 @@ use tracing::{debug, warn};
 
 use crate::auth::{AuthError, Grant};
 use crate::broker::BrokerError;
+use crate::hub::Frame;
 use crate::node::{Admission, Node, Outgoing, Refusal, TOP_CHANNELS, parse_session_id};
 use crate::session;
 use crate::ws::{self, CloseFrame, Message};
@@ -323,7 +323,6 @@ fn ws_settings(node: &Node) -> ws::Settings {
         // Messages over the node's limit get a `too_large` error; only far larger ones close
         // the connection with 1009.
         max_message: node.config.max_message_bytes.saturating_mul(4),
-        batches: true,
     }
 }
 
@@ -391,12 +390,7 @@ async fn echo(
                 };
                 let reply = match msg {
                     // As a delivery: compressed when deflate was negotiated and it is worth it.
-                    Some(Ok(Message::Text(text))) => Message::Shared(SharedFrame::new(
-                        text.into(),
-                        Compression {
-                            threshold: ws::COMPRESSION_THRESHOLD,
-                        },
-                    )),
+                    Some(Ok(Message::Text(text))) => Message::Shared(Frame::verbatim(text)),
                     Some(Ok(m @ Message::Binary(_))) => m,
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                     Some(Err(e)) => {

@@ -44,14 +44,21 @@ impl Frame {
         if text.contains('\n') {
             text = text.replace('\n', " ");
         }
-        let text = Utf8Bytes::from(text);
+        Self {
+            ts,
+            ..Self::verbatim(text.into())
+        }
+    }
+
+    /// `text` as it is, for every connection it goes to (what `/echo` sends back).
+    pub fn verbatim(text: Utf8Bytes) -> Self {
         let compression = Compression {
             threshold: crate::ws::COMPRESSION_THRESHOLD,
         };
         Self {
             shared: SharedFrame::new(Bytes::from(text.clone()), compression),
             text,
-            ts,
+            ts: 0,
         }
     }
 }

@@ -270,9 +270,7 @@ impl Sink<Message> for EventSink {
     fn start_send(mut self: Pin<&mut Self>, msg: Message) -> Result<(), Self::Error> {
         let event = match msg {
             Message::Text(text) => self.event(text.as_str()),
-            Message::Shared(frame) => {
-                self.event(std::str::from_utf8(&frame.payload()).unwrap_or(""))
-            }
+            Message::Shared(frame) => self.event(frame.text.as_str()),
             Message::Ping(_) => Some(Event::default().comment("ping")),
             Message::Close(frame) => {
                 let (code, reason) = frame

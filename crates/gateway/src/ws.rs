@@ -12,6 +12,7 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -25,9 +26,11 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use pushgate_websocket::{
     Compression, Config, Encoding, FrameReader, Incoming, Inflater, SharedFrame, Violation,
-    batch_wire_with, frame,
+    batch_wire, frame,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::hub::Frame;
 
 pub use axum::extract::ws::{CloseFrame, Utf8Bytes};
 
@@ -56,8 +59,9 @@ pub enum Message {
     Ping(Bytes),
     Pong(Bytes),
     Close(Option<CloseFrame>),
-    /// A delivery, formatted (and compressed) once for every connection it goes to.
-    Shared(SharedFrame),
+    /// A delivery, shared by every connection it goes to: sockets send its frame, compressed
+    /// once for all of them; the SSE stream its text.
+    Shared(Frame),
 }
 
 /// Why a socket failed.
@@ -77,8 +81,6 @@ pub struct Settings {
     pub compression: bool,
     /// Largest message a client may send; larger ones close the connection with 1009.
     pub max_message: usize,
-    /// Accept the batch subprotocol when the client offers it.
-    pub batches: bool,
 }
 
 /// A WebSocket handshake, checked: the request was a `GET` with the upgrade headers of RFC 6455.
@@ -177,7 +179,7 @@ impl Upgrade {
         let deflate = (self.extensions.as_deref())
             .filter(|_| settings.compression)
             .and_then(pushgate_websocket::negotiate);
-        let batch = settings.batches && self.batch_offered;
+        let batch = self.batch_offered;
         let mut response = Response::builder()
             .status(StatusCode::SWITCHING_PROTOCOLS)
             .header(header::CONNECTION, "upgrade")
@@ -266,16 +268,6 @@ impl<S> WebSocket<S> {
         }
     }
 
-    /// Whether permessage-deflate was negotiated.
-    pub fn deflate(&self) -> bool {
-        self.encoding != Encoding::Plain
-    }
-
-    /// Whether the client asked for batches.
-    pub fn batching(&self) -> bool {
-        self.batching
-    }
-
     fn count_compressions(&self, n: usize) {
         if let Some(counter) = &self.compressions
             && n > 0
@@ -290,11 +282,11 @@ impl<S> WebSocket<S> {
             0 => {}
             1 => {
                 let frame = self.batch.pop().expect("one");
-                let ran = frame.write_with(self.encoding, &mut self.write_buf);
+                let ran = frame.write_to(self.encoding, &mut self.write_buf);
                 self.count_compressions(usize::from(ran));
             }
             _ => {
-                let (wire, ran) = batch_wire_with(&self.batch, self.encoding);
+                let (wire, ran) = batch_wire(&self.batch, self.encoding);
                 self.count_compressions(ran);
                 self.write_buf.extend_from_slice(&wire);
                 self.batch.clear();
@@ -307,16 +299,16 @@ impl<S> WebSocket<S> {
     }
 
     fn encode(&mut self, message: Message) {
-        if let Message::Shared(frame) = message {
+        if let Message::Shared(Frame { shared: frame, .. }) = message {
             if self.batching {
-                let len = frame.payload().len();
+                let len = frame.len();
                 if self.batch_bytes + len > MAX_BATCH_BYTES {
                     self.end_batch();
                 }
                 self.batch_bytes += len + 1;
                 self.batch.push(frame);
             } else {
-                let ran = frame.write_with(self.encoding, &mut self.write_buf);
+                let ran = frame.write_to(self.encoding, &mut self.write_buf);
                 self.count_compressions(usize::from(ran));
             }
             return;
@@ -325,7 +317,7 @@ impl<S> WebSocket<S> {
         self.end_batch();
         let out = &mut self.write_buf;
         match message {
-            Message::Text(text) => frame::put_text(out, &text),
+            Message::Text(text) => frame::put_text(out, text.as_bytes()),
             Message::Binary(data) => frame::put_binary(out, &data),
             Message::Ping(data) => frame::put_ping(out, &data),
             Message::Pong(data) => frame::put_pong(out, &data),
@@ -373,8 +365,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
                     return Poll::Ready(Some(Err(violation.into())));
                 }
             }
-            let mut chunk = [0u8; READ_CHUNK];
-            let mut buf = ReadBuf::new(&mut chunk);
+            // Not zeroed: this runs at every wake-up of an idle session, deliveries included.
+            let mut chunk = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+            let mut buf = ReadBuf::uninit(&mut chunk);
             ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
             if buf.filled().is_empty() {
                 self.read_done = true;
@@ -541,10 +534,7 @@ mod tests {
     }
 
     fn shared(text: &str) -> Message {
-        let compression = Compression {
-            threshold: COMPRESSION_THRESHOLD,
-        };
-        Message::Shared(SharedFrame::new(Bytes::from(text.to_owned()), compression))
+        Message::Shared(Frame::verbatim(text.into()))
     }
 
     fn json(size: usize) -> String {

@@ -90,7 +90,7 @@ impl Peer {
         loop {
             match self.next().await {
                 Message::Text(t) => return serde_json::from_str(&t).expect("JSON frame"),
-                Message::Shared(f) => return serde_json::from_slice(&f.payload()).expect("JSON"),
+                Message::Shared(f) => return serde_json::from_str(&f.text).expect("JSON frame"),
                 Message::Ping(_) | Message::Pong(_) => {}
                 other => panic!("expected a text frame, got {other:?}"),
             }

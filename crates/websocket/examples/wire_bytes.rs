@@ -9,7 +9,7 @@
 
 use bytes::Bytes;
 use flate2::{Compress, FlushCompress};
-use pushgate_websocket::{Compression, SharedFrame, batch_wire};
+use pushgate_websocket::{Compression, Encoding, SharedFrame, batch_wire};
 
 /// One message compressed on its own (raw deflate, sync flush, tail stripped) with its header.
 fn deflated_len(text: &[u8]) -> usize {
@@ -76,14 +76,22 @@ fn main() {
             .map(|i| SharedFrame::new(Bytes::from(make(i)), Compression::default()))
             .collect();
         let payload: usize = frames.iter().map(|f| f.payload().len()).sum::<usize>() / BATCH;
-        let plain: usize = frames.iter().map(|f| f.wire(false).len()).sum::<usize>() / BATCH;
-        let deflate: usize = frames.iter().map(|f| f.wire(true).len()).sum::<usize>() / BATCH;
+        let plain: usize = frames
+            .iter()
+            .map(|f| f.wire(Encoding::Plain).len())
+            .sum::<usize>()
+            / BATCH;
+        let deflate: usize = frames
+            .iter()
+            .map(|f| f.wire(Encoding::DEFLATE).len())
+            .sum::<usize>()
+            / BATCH;
         let every = frames
             .iter()
             .map(|f| deflated_len(&f.payload()))
             .sum::<usize>()
             / BATCH;
-        let batched = batch_wire(&frames, true).len() / BATCH;
+        let batched = batch_wire(&frames, Encoding::DEFLATE).0.len() / BATCH;
         let joined: Vec<u8> = (frames.iter().map(|f| f.payload().to_vec()))
             .collect::<Vec<_>>()
             .join(&b'\n');

@@ -222,27 +222,32 @@ impl SharedFrame {
         &self.0.payload
     }
 
-    /// The complete frame for one connection: the compressed form if
-    /// `deflate` (the connection negotiated permessage-deflate) and
-    /// compression is worth it, else the plain form.
-    pub fn wire(&self, deflate: bool) -> Bytes {
+    /// The payload's length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.payload.len()
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.payload.is_empty()
+    }
+
+    /// The complete frame for a connection that takes `encoding`: compressed
+    /// if it takes deflate for a message this long and compression is worth
+    /// it, else plain.
+    pub fn wire(&self, encoding: Encoding) -> Bytes {
         let mut out = BytesMut::new();
-        self.write_to(deflate, &mut out);
+        self.write_to(encoding, &mut out);
         out.freeze()
     }
 
-    /// Appends the frame for one connection to `out` (its write buffer), as
-    /// [`Self::wire`] chooses it; returns whether this very call ran the
-    /// compressor. Exactly one call per frame returns `true` (the first that
-    /// needs the compressed form of a payload at or above the threshold, even
-    /// if the result was not smaller and the plain form is used), which is
-    /// what a compression counter counts.
-    pub fn write_to(&self, deflate: bool, out: &mut BytesMut) -> bool {
-        self.write_with(Encoding::from(deflate), out)
-    }
-
-    /// Like [`Self::write_to`], for a connection that takes `encoding`.
-    pub fn write_with(&self, encoding: Encoding, out: &mut BytesMut) -> bool {
+    /// Appends the frame for a connection that takes `encoding` to `out` (its
+    /// write buffer), as [`Self::wire`] chooses it; returns whether this very
+    /// call ran the compressor. Exactly one call per frame returns `true` (the
+    /// first that needs the compressed form of a payload at or above the
+    /// threshold, even if the result was not smaller and the plain form is
+    /// used), which is what a compression counter counts.
+    pub fn write_to(&self, encoding: Encoding, out: &mut BytesMut) -> bool {
         let (deflated, ran) = self.deflated_for(encoding);
         match deflated {
             Some(body) => frame::put(out, TEXT, true, body),
@@ -295,27 +300,10 @@ impl SharedFrame {
 /// closes it. If no piece has a compressed form, or the result is not smaller
 /// than the plain join, the plain batch is sent. A batch of one is that
 /// frame's own [`SharedFrame::wire`]; an empty batch is an empty text message.
-pub fn batch_wire<'a, I>(frames: I, deflate: bool) -> Bytes
-where
-    I: IntoIterator<Item = &'a SharedFrame>,
-    I::IntoIter: Clone,
-{
-    batch_wire_counted(frames, deflate).0
-}
-
-/// Like [`batch_wire`], and also how many compressions this call ran (frames
-/// whose compressed form it computed first); add it to the compression counter.
-pub fn batch_wire_counted<'a, I>(frames: I, deflate: bool) -> (Bytes, usize)
-where
-    I: IntoIterator<Item = &'a SharedFrame>,
-    I::IntoIter: Clone,
-{
-    batch_wire_with(frames, Encoding::from(deflate))
-}
-
-/// Like [`batch_wire_counted`], for a connection that takes `encoding`: a
-/// piece longer than its window goes in as stored blocks.
-pub fn batch_wire_with<'a, I>(frames: I, encoding: Encoding) -> (Bytes, usize)
+/// Also returns how many compressions this call ran (frames whose
+/// compressed form it computed first), for the compression counter. A piece
+/// longer than the connection's window goes in as stored blocks.
+pub fn batch_wire<'a, I>(frames: I, encoding: Encoding) -> (Bytes, usize)
 where
     I: IntoIterator<Item = &'a SharedFrame>,
     I::IntoIter: Clone,
@@ -337,7 +325,7 @@ where
     };
     if count == 1 {
         let mut out = BytesMut::new();
-        ran += usize::from(first.write_with(encoding, &mut out));
+        ran += usize::from(first.write_to(encoding, &mut out));
         return (out.freeze(), ran);
     }
 
@@ -444,8 +432,16 @@ mod tests {
 
     fn wire_counted(f: &SharedFrame, deflate: bool) -> (Bytes, bool) {
         let mut out = BytesMut::new();
-        let ran = f.write_to(deflate, &mut out);
+        let ran = f.write_to(deflate.into(), &mut out);
         (out.freeze(), ran)
+    }
+
+    fn batch<'a, I>(frames: I, deflate: bool) -> Bytes
+    where
+        I: IntoIterator<Item = &'a SharedFrame>,
+        I::IntoIter: Clone,
+    {
+        batch_wire(frames, deflate.into()).0
     }
 
     /// Inflates like a browser would, independently of [`Inflater`]. A
@@ -567,8 +563,8 @@ mod tests {
     fn plain_wire_below_threshold() {
         let text = json(1, Compression::DEFAULT_THRESHOLD - 1);
         let f = shared(&text, Compression::DEFAULT_THRESHOLD);
-        assert_eq!(wire_counted(&f, true), (f.wire(false), false));
-        assert!(!decodes_to(&f.wire(true), &text));
+        assert_eq!(wire_counted(&f, true), (f.wire(false.into()), false));
+        assert!(!decodes_to(&f.wire(true.into()), &text));
         assert_eq!(f.payload(), text.as_bytes());
     }
 
@@ -576,10 +572,10 @@ mod tests {
     fn deflated_wire_at_threshold() {
         let text = json(1, Compression::DEFAULT_THRESHOLD);
         let f = SharedFrame::new(Bytes::from(text.clone()), Compression::default());
-        assert!(!decodes_to(&f.wire(false), &text));
-        let wire = f.wire(true);
+        assert!(!decodes_to(&f.wire(false.into()), &text));
+        let wire = f.wire(true.into());
         assert_eq!(wire[0], 0xC1, "FIN, RSV1, text");
-        assert!(wire.len() < f.wire(false).len());
+        assert!(wire.len() < f.wire(false.into()).len());
         assert!(decodes_to(&wire, &text));
     }
 
@@ -588,7 +584,7 @@ mod tests {
         let f = shared("a", 0);
         let (wire, ran) = wire_counted(&f, true);
         assert!(ran);
-        assert_eq!(wire, f.wire(false));
+        assert_eq!(wire, f.wire(false.into()));
         assert_eq!(wire_counted(&f, true), (wire, false));
     }
 
@@ -618,7 +614,7 @@ mod tests {
     fn batch_plain() {
         let texts = [json(1, 10), json(2, 400), json(3, 0)];
         let frames: Vec<_> = texts.iter().map(|t| shared(t, 256)).collect();
-        let wire = batch_wire(&frames, false);
+        let wire = batch(&frames, false);
         assert!(!decodes_to(&wire, &texts.join("\n")));
     }
 
@@ -626,7 +622,7 @@ mod tests {
     fn batch_deflated_pieces_are_reused_verbatim() {
         let texts = [json(1, 500), json(2, 700)];
         let frames: Vec<_> = texts.iter().map(|t| shared(t, 256)).collect();
-        let (wire, compressions) = batch_wire_counted(&frames, true);
+        let (wire, compressions) = batch_wire(&frames, Encoding::DEFLATE);
         assert_eq!(compressions, 2);
         assert!(decodes_to(&wire, &texts.join("\n")));
         let (_, payload) = split_frame(&wire);
@@ -635,7 +631,7 @@ mod tests {
             payload,
             [&a[..], &[0x01, 0x00, 0xFE, 0xFF, b'\n'], &b[..]].concat()
         );
-        assert_eq!(batch_wire_counted(&frames, true), (wire, 0));
+        assert_eq!(batch_wire(&frames, Encoding::DEFLATE), (wire, 0));
     }
 
     #[test]
@@ -649,10 +645,10 @@ mod tests {
             json(6, 100),
         ];
         let frames: Vec<_> = texts.iter().map(|t| shared(t, 256)).collect();
-        let wire = batch_wire(&frames, true);
+        let wire = batch(&frames, true);
         assert!(decodes_to(&wire, &texts.join("\n")));
         // Starting and ending with large ones.
-        let wire = batch_wire([&frames[1], &frames[0], &frames[4]], true);
+        let wire = batch([&frames[1], &frames[0], &frames[4]], true);
         assert!(decodes_to(
             &wire,
             &[&texts[1], &texts[0], &texts[4]]
@@ -669,7 +665,7 @@ mod tests {
             shared(&big, usize::MAX),
             shared(&json(2, 300), 0),
         ];
-        let wire = batch_wire(&frames, true);
+        let wire = batch(&frames, true);
         assert!(decodes_to(
             &wire,
             &[json(1, 300), big, json(2, 300)].join("\n")
@@ -679,24 +675,27 @@ mod tests {
     #[test]
     fn batch_without_compressible_pieces_is_plain() {
         let frames = [shared("one", 256), shared("two", 256)];
-        let wire = batch_wire(&frames, true);
+        let wire = batch(&frames, true);
         assert!(!decodes_to(&wire, "one\ntwo"));
-        assert_eq!(wire, batch_wire(&frames, false));
+        assert_eq!(wire, batch(&frames, false));
     }
 
     #[test]
     fn batch_of_one_and_empty_batch() {
         let f = shared(&json(1, 1000), 256);
-        assert_eq!(batch_wire([&f], true), f.wire(true));
-        assert_eq!(batch_wire([&f], false), f.wire(false));
-        assert_eq!(&batch_wire(&[] as &[SharedFrame], true)[..], &[0x81, 0x00]);
+        assert_eq!(batch([&f], true), f.wire(true.into()));
+        assert_eq!(batch([&f], false), f.wire(false.into()));
+        assert_eq!(&batch(&[] as &[SharedFrame], true)[..], &[0x81, 0x00]);
     }
 
     #[test]
     fn batch_of_one_counts_its_compression() {
         let f = shared(&json(1, 1000), 256);
-        assert_eq!(batch_wire_counted([&f], true), (f.wire(true), 1));
-        assert_eq!(batch_wire_counted([&f], true).1, 0);
+        assert_eq!(
+            batch_wire([&f], Encoding::DEFLATE),
+            (f.wire(true.into()), 1)
+        );
+        assert_eq!(batch_wire([&f], Encoding::DEFLATE).1, 0);
     }
 
     proptest! {
@@ -708,7 +707,7 @@ mod tests {
             let texts: Vec<String> = pieces.iter().enumerate().map(|(i, &(len, _))| json(i, len)).collect();
             let frames: Vec<SharedFrame> =
                 texts.iter().zip(&pieces).map(|(t, &(_, threshold))| shared(t, threshold)).collect();
-            let wire = batch_wire(frames.iter(), deflate);
+            let wire = batch(frames.iter(), deflate);
             let compressed = decodes_to(&wire, &texts.join("\n"));
             prop_assert!(deflate || !compressed);
         }
@@ -720,13 +719,13 @@ mod tests {
         let (small, large) = (shared(&json(1, 600), 0), shared(&json(2, 3000), 0));
         assert!(small.text().len() <= 1024 && large.text().len() > 1024);
         let mut out = BytesMut::new();
-        small.write_with(encoding, &mut out);
+        small.write_to(encoding, &mut out);
         assert_eq!(out[0] & 0x40, 0x40, "fits the window: compressed");
         out.clear();
-        large.write_with(encoding, &mut out);
+        large.write_to(encoding, &mut out);
         assert_eq!(out[0] & 0x40, 0, "longer than the window: plain");
         // In a batch the long one goes in as stored blocks, and the batch still reads back.
-        let (wire, _) = batch_wire_with([&small, &large], encoding);
+        let (wire, _) = batch_wire([&small, &large], encoding);
         let (rsv1, payload) = split_frame(&wire);
         assert!(rsv1);
         let joined = [small.text(), large.text()].join(&b'\n');

@@ -116,14 +116,8 @@ pub(crate) fn put(out: &mut BytesMut, opcode: u8, rsv1: bool, payload: &[u8]) {
     out.put_slice(payload);
 }
 
-/// Appends an uncompressed text message to `out`.
-pub fn put_text(out: &mut BytesMut, payload: &str) {
-    put(out, TEXT, false, payload.as_bytes());
-}
-
-/// Appends an uncompressed text message to `out`; `payload` must be UTF-8 (a text message's
-/// payload as a reader returned it).
-pub fn put_text_bytes(out: &mut BytesMut, payload: &[u8]) {
+/// Appends an uncompressed text message to `out`; `payload` must be UTF-8.
+pub fn put_text(out: &mut BytesMut, payload: &[u8]) {
     put(out, TEXT, false, payload);
 }
 
@@ -132,7 +126,7 @@ pub fn put_binary(out: &mut BytesMut, payload: &[u8]) {
     put(out, BINARY, false, payload);
 }
 
-/// Appends a ping to `out`; the payload is cut to 125 bytes like [`ping`].
+/// Appends a ping to `out`; the payload is cut to the 125 bytes a control frame may carry.
 pub fn put_ping(out: &mut BytesMut, payload: &[u8]) {
     put(
         out,
@@ -142,7 +136,7 @@ pub fn put_ping(out: &mut BytesMut, payload: &[u8]) {
     );
 }
 
-/// Appends a pong to `out`; the payload is cut to 125 bytes like [`pong`].
+/// Appends a pong to `out`, normally echoing a ping's payload; cut to 125 bytes like a ping.
 pub fn put_pong(out: &mut BytesMut, payload: &[u8]) {
     put(
         out,
@@ -152,45 +146,12 @@ pub fn put_pong(out: &mut BytesMut, payload: &[u8]) {
     );
 }
 
-/// Appends a close frame to `out`: with a code and reason as [`close`] makes it, or empty.
+/// Appends a close frame to `out`: empty, or with a status code and a reason cut to 123 bytes
+/// on a `char` boundary, so the frame stays a valid control frame with UTF-8 text.
 pub fn put_close(out: &mut BytesMut, code: Option<(u16, &str)>) {
-    match code {
-        Some((code, reason)) => out.extend_from_slice(&close(code, reason)),
-        None => put(out, CLOSE, false, b""),
-    }
-}
-
-/// A complete uncompressed text message.
-pub fn text(payload: &str) -> Bytes {
-    encode(TEXT, false, payload.as_bytes())
-}
-
-/// A complete uncompressed binary message.
-pub fn binary(payload: &[u8]) -> Bytes {
-    encode(BINARY, false, payload)
-}
-
-/// A ping; the payload is cut to the 125 bytes a control frame may carry.
-pub fn ping(payload: &[u8]) -> Bytes {
-    encode(
-        PING,
-        false,
-        &payload[..payload.len().min(MAX_CONTROL_PAYLOAD)],
-    )
-}
-
-/// A pong, normally echoing a ping's payload; cut to 125 bytes like [`ping`].
-pub fn pong(payload: &[u8]) -> Bytes {
-    encode(
-        PONG,
-        false,
-        &payload[..payload.len().min(MAX_CONTROL_PAYLOAD)],
-    )
-}
-
-/// A close frame with a status code and a reason cut to 123 bytes on a
-/// `char` boundary, so the frame stays a valid control frame with UTF-8 text.
-pub fn close(code: u16, reason: &str) -> Bytes {
+    let Some((code, reason)) = code else {
+        return put(out, CLOSE, false, b"");
+    };
     let mut end = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
     while !reason.is_char_boundary(end) {
         end -= 1;
@@ -198,7 +159,7 @@ pub fn close(code: u16, reason: &str) -> Bytes {
     let mut payload = [0u8; MAX_CONTROL_PAYLOAD];
     payload[..2].copy_from_slice(&code.to_be_bytes());
     payload[2..2 + end].copy_from_slice(&reason.as_bytes()[..end]);
-    encode(CLOSE, false, &payload[..2 + end])
+    put(out, CLOSE, false, &payload[..2 + end]);
 }
 
 /// Whether a close code may appear on the wire (RFC 6455 §7.4, IANA registry).
@@ -237,6 +198,16 @@ pub(crate) fn client_frame(
 mod tests {
     use super::*;
 
+    fn written(write: impl FnOnce(&mut BytesMut)) -> Bytes {
+        let mut out = BytesMut::new();
+        write(&mut out);
+        out.freeze()
+    }
+
+    fn close(code: u16, reason: &str) -> Bytes {
+        written(|out| put_close(out, Some((code, reason))))
+    }
+
     #[test]
     fn header_lengths_7_16_64_bit() {
         for (len, header_len) in [
@@ -247,7 +218,7 @@ mod tests {
             (65536, 10),
         ] {
             let payload = vec![b'a'; len];
-            let wire = binary(&payload);
+            let wire = written(|out| put_binary(out, &payload));
             assert_eq!(wire.len(), header_len + len);
             let h = parse_header(&wire).unwrap();
             assert_eq!(
@@ -274,9 +245,10 @@ mod tests {
 
     #[test]
     fn control_encoders() {
-        assert_eq!(&ping(b"hi")[..], &[0x89, 2, b'h', b'i']);
-        assert_eq!(&pong(b"")[..], &[0x8A, 0]);
-        assert_eq!(ping(&[0; 200]).len(), 2 + 125);
+        assert_eq!(&written(|o| put_ping(o, b"hi"))[..], &[0x89, 2, b'h', b'i']);
+        assert_eq!(&written(|o| put_pong(o, b""))[..], &[0x8A, 0]);
+        assert_eq!(written(|o| put_ping(o, &[0; 200])).len(), 2 + 125);
+        assert_eq!(&written(|o| put_close(o, None))[..], &[0x88, 0]);
         assert_eq!(
             &close(1000, "bye")[..],
             &[0x88, 5, 0x03, 0xE8, b'b', b'y', b'e']

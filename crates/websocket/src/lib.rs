@@ -23,9 +23,7 @@ mod utf8;
 
 use std::fmt;
 
-pub use deflate::{
-    Compression, Encoding, Inflater, SharedFrame, batch_wire, batch_wire_counted, batch_wire_with,
-};
+pub use deflate::{Compression, Encoding, Inflater, SharedFrame, batch_wire};
 pub use negotiate::{Deflate, negotiate};
 pub use reader::{Config, FrameReader, Incoming};
 

@@ -433,7 +433,7 @@ where
                                 let lag = &node.metrics.delivery_lag_seconds;
                                 lag.observe(metrics::lag_since(now, entry.frame.ts));
                             }
-                            sink.feed(Message::Shared(entry.frame.shared)).await?;
+                            sink.feed(Message::Shared(entry.frame)).await?;
                             written += 1;
                         }
                         Verdict::Skip => {}
@@ -558,7 +558,7 @@ where
                     let lag = &node.metrics.delivery_lag_seconds;
                     lag.observe(metrics::lag_since(now, frame.ts));
                 }
-                sink.feed(Message::Shared(frame.shared)).await?;
+                sink.feed(Message::Shared(frame)).await?;
             }
             sink.flush().await
         };
