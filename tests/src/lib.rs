@@ -131,12 +131,14 @@ impl RedisServer {
             if child.try_wait().expect("try_wait").is_some() {
                 return false;
             }
-            // Whoever answers on the port must be this server, not another test's.
+            // Whoever answers on the port must be this server, not another test's, and done
+            // loading its data (until then it answers INFO, but PING and the rest with LOADING).
             if let Ok(mut c) = client.get_connection()
                 && let Ok(info) = redis::cmd("INFO").arg("server").query::<String>(&mut c)
                 && info
                     .lines()
                     .any(|l| l.trim() == format!("process_id:{pid}"))
+                && redis::cmd("PING").query::<String>(&mut c).is_ok()
             {
                 self.child = Some(child);
                 return true;

@@ -893,8 +893,8 @@ async fn a_join_with_recent_gets_exactly_the_last_50_then_every_live_message_onc
         124
     );
     let got = greedy.messages_until(&json!("live-4")).await;
-    assert_eq!(got.len(), 80);
     in_order(&got, 45, &epoch);
+    assert_eq!(got.len(), 80);
 
     // A channel without history: a plain subscribe, nothing sent.
     let mut plain = connect(n1, "dave").await;
