@@ -8,7 +8,9 @@
 # `mission` is the headline: Redis and two nodes, subscribers on both, publishers on the first,
 # for client, API and backend (plain Redis PUBLISH) publishes, against the bare baseline server
 # in the same run. MISSION_WORKERS sets each node's --workers (default 1: two nodes share the
-# machine's two cores); MISSION_SUBS the subscriber counts (default "2000 10000").
+# machine's two cores); MISSION_SUBS the subscriber counts (default "2000 10000"); MISSION_ROUNDS
+# how many times each find-max runs, alternating pushgate and the baseline (default 1; the summary
+# gives medians and each round's ratio); MISSION_VIAS the publish paths (default "ws http redis").
 #
 # `socketio` runs mission's 2,000-subscriber find-max and moderate load against Socket.IO with its
 # Redis adapter, two Node.js processes (crates/bench/socketio/server.js), for comparison. It needs
@@ -91,15 +93,19 @@ for s in "${scenarios[@]}"; do
           # deliveries, so one slow burst fails the step and ends the search far below the
           # sustained rate; from 20 msg/s each step holds 100 or more.
           start=$(( subs >= 10000 ? 20 : 100 ))
-          for via in ws http redis; do
-            # One HTTP client waits for each response: several publish side by side.
-            publishers=1; [[ $via == http ]] && publishers=8
-            cluster
-            run "mission-$subs-$via" $B fanout --url "$URLS" -s "$subs" -p "$publishers" --via "$via" \
-              --redis-url "redis://127.0.0.1:$RP/" -r "$start" "${findmax[@]}"
-            cleanup; pids=()
+          # Rounds alternate pushgate and the baseline; the summary takes the medians. One
+          # search moves by half or more between runs at 10,000 subscribers.
+          for round in $(seq 1 "${MISSION_ROUNDS:-1}"); do
+            for via in ${MISSION_VIAS:-ws http redis}; do
+              # One HTTP client waits for each response: several publish side by side.
+              publishers=1; [[ $via == http ]] && publishers=8
+              cluster
+              run "mission-$subs-$via-$round" $B fanout --url "$URLS" -s "$subs" -p "$publishers" \
+                --via "$via" --redis-url "redis://127.0.0.1:$RP/" -r "$start" "${findmax[@]}"
+              cleanup; pids=()
+            done
+            run "mission-$subs-baseline-$round" $B baseline fanout -s "$subs" -p 1 -r "$start" "${findmax[@]}"
           done
-          run "mission-$subs-baseline" $B baseline fanout -s "$subs" -p 1 -r "$start" "${findmax[@]}"
         done
       fi
       if [[ $parts == *" moderate "* ]]; then

@@ -73,24 +73,42 @@ def node_latency(out, via):
     return "; ".join(parts)
 
 
+def searches(out, subs, via):
+    """The find-max results of `via` for `subs` subscribers, by round: {round: (msg/s, deliveries/s)}."""
+    found = {}
+    for f in os.listdir(out):
+        m = re.match(rf"mission-{subs}-{via}-(\d+)\.txt$", f)
+        if m and (r := load(out, f[len("mission-"):-len(".txt")])) is not None:
+            found[int(m.group(1))] = (r.get("max_ok_rate") or 0.0, r.get("max_ok_deliveries_per_sec") or 0.0)
+    return found
+
+
 def main(out):
     subs_seen = sorted(
         {int(f.split("-")[1]) for f in os.listdir(out) if f.startswith("mission-") and f.split("-")[1].isdigit()}
     )
     print("highest rate with zero loss and p99 < 250 ms (2 nodes + Redis, publisher on n1):")
     for subs in subs_seen:
-        base = load(out, f"{subs}-baseline")
-        base_dps = (base or {}).get("max_ok_deliveries_per_sec") or 0.0
-        print(f"  {subs} subscribers: baseline (1 process) {base_dps:,.0f} deliveries/s")
+        base = searches(out, subs, "baseline")
+        if not base:
+            continue
+        base_dps = statistics.median(dps for _, dps in base.values())
+        each = ", ".join(f"{dps:,.0f}" for _, (_, dps) in sorted(base.items()))
+        print(f"  {subs} subscribers: baseline (1 process) {base_dps:,.0f} deliveries/s (median; per round: {each})")
         for via in ("ws", "http", "redis"):
-            r = load(out, f"{subs}-{via}")
-            if r is None:
+            found = searches(out, subs, via)
+            if not found:
                 continue
-            dps = r.get("max_ok_deliveries_per_sec") or 0.0
-            rate = r.get("max_ok_rate") or 0.0
+            rate = statistics.median(rate for rate, _ in found.values())
+            dps = statistics.median(dps for _, dps in found.values())
             share = dps / base_dps if base_dps else 0.0
-            pubs = r.get("publishers", 1)
-            print(f"    via {via:<5} ({pubs} publisher{'s' if pubs > 1 else ''}) {rate:>8,.0f} msg/s  {dps:>10,.0f} deliveries/s  {share:.2f}x baseline")
+            pairs = ", ".join(
+                f"{d / base[r][1]:.2f}" if base.get(r, (0, 0))[1] else "-" for r, (_, d) in sorted(found.items())
+            )
+            print(
+                f"    via {via:<5} {rate:>8,.0f} msg/s  {dps:>10,.0f} deliveries/s  {share:.2f}x baseline"
+                f"  (medians of {len(found)}; each round against its baseline: {pairs})"
+            )
     print("moderate load, 25 msg/s x 2,000 subscribers, latency ms (median of the rounds' p50/p99):")
     for name in ("ws", "http", "redis", "baseline"):
         rounds = sorted(
