@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use pushgate_protocol::server::{Delivery, Position, ServerFrame, UNSUBSCRIBED_HISTORY_LOST};
-use pushgate_protocol::{ErrorCode, RawJson, close};
+use pushgate_protocol::{BATCH_PROTOCOL, ErrorCode, RawJson, close};
 use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -1103,9 +1103,6 @@ async fn drain(ws: &mut Ws) {
     })
     .await;
 }
-
-/// The subprotocol under which a node sends several frames per text message, one per line.
-const BATCH_PROTOCOL: &str = "pushgate.batch";
 
 /// Opens a connection and reads the welcome; also says whether the node sends batches.
 async fn open(

@@ -323,6 +323,7 @@ fn ws_settings(node: &Node) -> ws::Settings {
         // Messages over the node's limit get a `too_large` error; only far larger ones close
         // the connection with 1009.
         max_message: node.config.max_message_bytes.saturating_mul(4),
+        compressions: node.metrics.compressions.clone(),
     }
 }
 
@@ -351,12 +352,9 @@ async fn ws(
     let upgrade = upgrade.map_err(HttpError::NotWebSocket)?;
     let admission = admit_client(&node, client)?;
     debug!(%client, user = %grant.user, "websocket accepted");
-    let compressions = node.metrics.compressions.clone();
-    Ok(
-        upgrade.accept(ws_settings(&node), compressions, move |socket| {
-            session::run(node, socket, grant, admission)
-        }),
-    )
+    Ok(upgrade.accept(ws_settings(&node), move |socket| {
+        session::run(node, socket, grant, admission)
+    }))
 }
 
 /// Echoes every text and binary message back: for load-balancer checks and conformance tests.
@@ -371,11 +369,8 @@ async fn echo(
     admit_handshake(&node, &headers, &query).await?;
     let upgrade = upgrade.map_err(HttpError::NotWebSocket)?;
     let admission = admit_client(&node, client)?;
-    let compressions = node.metrics.compressions.clone();
-    Ok(upgrade.accept(
-        ws_settings(&node),
-        compressions,
-        move |mut socket| async move {
+    Ok(
+        upgrade.accept(ws_settings(&node), move |mut socket| async move {
             loop {
                 let msg = tokio::select! {
                     msg = socket.next() => msg,
@@ -412,8 +407,8 @@ async fn echo(
             // Sends the close reply queued when the client's close frame was read.
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.close()).await;
             drop(admission);
-        },
-    ))
+        }),
+    )
 }
 
 /// Liveness: 200 while the process serves HTTP, with the broker's state (which other nodes

@@ -37,12 +37,13 @@ pub struct Frame {
 
 impl Frame {
     pub fn message(mut text: String, ts: u64) -> Self {
-        // A frame is JSON, where a line feed can only be whitespace (a string cannot hold one
-        // unescaped), so as a space it means the same. Without line feeds, a batch
-        // (`pushgate.batch`) can put one frame per line. Data published by backends may be
-        // pretty-printed: this is the one place that holds it to that.
-        if text.contains('\n') {
-            text = text.replace('\n', " ");
+        // A frame is JSON, where a line break (LF, CR) can only be whitespace (a string cannot
+        // hold one unescaped), so as a space it means the same. Without line feeds, a batch
+        // (`pushgate.batch`) can put one frame per line; without CRs, an SSE event carries the
+        // frame as one data line for every client. Data published by backends may be
+        // pretty-printed: this is the one place that holds it to that, once per message.
+        if text.contains(['\n', '\r']) {
+            text = text.replace(['\n', '\r'], " ");
         }
         Self {
             ts,
@@ -52,11 +53,8 @@ impl Frame {
 
     /// `text` as it is, for every connection it goes to (what `/echo` sends back).
     pub fn verbatim(text: Utf8Bytes) -> Self {
-        let compression = Compression {
-            threshold: crate::ws::COMPRESSION_THRESHOLD,
-        };
         Self {
-            shared: SharedFrame::new(Bytes::from(text.clone()), compression),
+            shared: SharedFrame::new(Bytes::from(text.clone()), Compression::default()),
             text,
             ts: 0,
         }
@@ -573,6 +571,13 @@ mod tests {
     fn hub() -> (Hub, Metrics) {
         let m = Metrics::new();
         (Hub::new(m.deliveries.clone(), m.drops.clone()), m)
+    }
+
+    #[test]
+    fn a_message_frame_holds_no_line_breaks() {
+        let frame = Frame::message("{\"a\":\r\n1,\n\"b\":\r2}".into(), 0);
+        assert_eq!(frame.text.as_str(), "{\"a\":  1, \"b\": 2}");
+        assert_eq!(&frame.shared.payload()[..], frame.text.as_bytes());
     }
 
     #[test]

@@ -207,13 +207,8 @@ impl EventSink {
         let head: Head<'_> = serde_json::from_str(text).ok()?;
         match head.kind {
             "message" => {
-                // A raw CR in valid JSON can only be whitespace between tokens: a space keeps
-                // the payload and spares clients that mishandle bare CRs in event streams.
-                let event = if text.contains('\r') {
-                    Event::default().data(text.replace('\r', " "))
-                } else {
-                    Event::default().data(text)
-                };
+                // Holds no CR or LF: `Frame::message` made them spaces.
+                let event = Event::default().data(text);
                 let (Some(channel), Some(offset), Some(epoch)) =
                     (head.channel, head.offset, head.epoch)
                 else {
@@ -310,6 +305,7 @@ impl Sink<Message> for EventSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::Frame;
 
     fn sink(channels: &[&str]) -> (EventSink, mpsc::Receiver<Event>) {
         let (tx, rx) = mpsc::channel(8);
@@ -400,7 +396,8 @@ mod tests {
     async fn a_payload_with_line_breaks_stays_one_event() {
         let (mut s, _rx) = sink(&["a"]);
         let frame = "{\"type\":\"message\",\"id\":\"m\",\"ts\":1,\"channel\":\"a\",\"data\":{\r\n\"k\":\n1}}";
-        let text = render(s.event(frame).unwrap()).await;
+        let frame = Frame::message(frame.into(), 1);
+        let text = render(s.event(&frame.text).unwrap()).await;
         let joined: Vec<&str> = text
             .lines()
             .filter_map(|l| l.strip_prefix("data: "))

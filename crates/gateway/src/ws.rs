@@ -25,20 +25,14 @@ use futures_util::{Sink, Stream};
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use pushgate_websocket::{
-    Compression, Config, Encoding, FrameReader, Incoming, Inflater, SharedFrame, Violation,
-    batch_wire, frame,
+    Config, Encoding, FrameReader, Incoming, Inflater, SharedFrame, Violation, frame, write_batch,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::hub::Frame;
+use pushgate_protocol::BATCH_PROTOCOL;
 
 pub use axum::extract::ws::{CloseFrame, Utf8Bytes};
-
-/// The subprotocol under which a text message carries one or more frames, one per line.
-pub const BATCH_PROTOCOL: &str = "pushgate.batch";
-
-/// Deliveries below this many bytes go out uncompressed (see [`Compression`]).
-pub const COMPRESSION_THRESHOLD: usize = Compression::DEFAULT_THRESHOLD;
 
 /// The most payload bytes joined into one batch: a batch stays within what clients accept as one
 /// message.
@@ -75,12 +69,14 @@ pub enum Error {
 }
 
 /// What `/ws` and `/echo` offer at the handshake.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     /// Negotiate permessage-deflate when the client offers it (`--compression`).
     pub compression: bool,
     /// Largest message a client may send; larger ones close the connection with 1009.
     pub max_message: usize,
+    /// Counts the messages a socket compresses first.
+    pub compressions: Counter,
 }
 
 /// A WebSocket handshake, checked: the request was a `GET` with the upgrade headers of RFC 6455.
@@ -170,8 +166,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
 
 impl Upgrade {
     /// Answers 101 with what was negotiated, and runs `serve` on the socket once the connection
-    /// is switched. `compressions` counts the messages this socket compresses first.
-    pub fn accept<F, Fut>(self, settings: Settings, compressions: Counter, serve: F) -> Response
+    /// is switched.
+    pub fn accept<F, Fut>(self, settings: Settings, serve: F) -> Response
     where
         F: FnOnce(WebSocket<TokioIo<hyper::upgrade::Upgraded>>) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -196,7 +192,7 @@ impl Upgrade {
             encoding: deflate.map_or(Encoding::Plain, |d| d.encoding()),
             batch,
             max_message: settings.max_message,
-            compressions,
+            compressions: settings.compressions,
         };
         tokio::spawn(async move {
             let Ok(upgraded) = on_upgrade.await else {
@@ -238,10 +234,9 @@ pub struct WebSocket<S> {
     batch_bytes: usize,
     encoding: Encoding,
     batching: bool,
-    /// Counts compressions, on connections that negotiated deflate.
-    compressions: Option<Counter>,
+    /// Counts compressions (only connections that negotiated deflate run any).
+    compressions: Counter,
     close_sent: bool,
-    close_received: bool,
     /// A violation or the end of the stream: nothing more is read.
     read_done: bool,
 }
@@ -261,40 +256,32 @@ impl<S> WebSocket<S> {
             batch_bytes: 0,
             encoding: options.encoding,
             batching: options.batch,
-            compressions: deflate.then_some(options.compressions),
+            compressions: options.compressions,
             close_sent: false,
-            close_received: false,
             read_done: false,
         }
     }
 
     fn count_compressions(&self, n: usize) {
-        if let Some(counter) = &self.compressions
-            && n > 0
-        {
-            counter.inc_by(n as u64);
+        if n > 0 {
+            self.compressions.inc_by(n as u64);
         }
     }
 
     /// Moves the batched deliveries into the write buffer, as one message.
     fn end_batch(&mut self) {
-        match self.batch.len() {
-            0 => {}
-            1 => {
-                let frame = self.batch.pop().expect("one");
-                let ran = frame.write_to(self.encoding, &mut self.write_buf);
-                self.count_compressions(usize::from(ran));
-            }
-            _ => {
-                let (wire, ran) = batch_wire(&self.batch, self.encoding);
-                self.count_compressions(ran);
-                self.write_buf.extend_from_slice(&wire);
-                self.batch.clear();
-            }
+        if self.batch.is_empty() {
+            return;
         }
+        let ran = write_batch(&self.batch, self.encoding, &mut self.write_buf);
+        self.count_compressions(ran);
         self.batch_bytes = 0;
-        if self.batch.capacity() > 64 {
+        // A connection that had a burst does not keep its room after it (the smallest room,
+        // 32 bytes, is kept: one delivery per flush is the common case).
+        if self.batch.capacity() > 4 {
             self.batch = Vec::new();
+        } else {
+            self.batch.clear();
         }
     }
 
@@ -350,8 +337,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// The next message from what was read, reading more as needed.
     fn poll_read_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, Error>>> {
         loop {
-            let read =
-                INFLATER.with_borrow_mut(|inflater| self.reader.read(&mut self.read_buf, inflater));
+            // Nothing read yet (every wake-up of an idle session): straight to the socket.
+            let read = if self.read_buf.is_empty() {
+                Ok(None)
+            } else {
+                INFLATER.with_borrow_mut(|inflater| self.reader.read(&mut self.read_buf, inflater))
+            };
             match read {
                 Ok(Some(incoming)) => {
                     if self.read_buf.is_empty() {
@@ -395,7 +386,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             }
             Incoming::Pong(data) => Message::Pong(data),
             Incoming::Close(close) => {
-                self.close_received = true;
                 self.read_done = true;
                 let close = close.map(|(code, reason)| CloseFrame {
                     code,

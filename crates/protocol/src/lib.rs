@@ -18,6 +18,10 @@ pub use envelope::{ControlMessage, Envelope, NodeMessage};
 pub use names::{NameError, validate_channel, validate_sharded_channel, validate_user};
 pub use server::{ErrorCode, Position, PresenceEntry, PresenceEvent, PresenceKind, Target};
 
+/// The WebSocket subprotocol under which one text message carries one or more server frames,
+/// one per line (a frame never holds a line feed).
+pub const BATCH_PROTOCOL: &str = "pushgate.batch";
+
 /// Any JSON value, kept as its original text.
 pub type RawJson = serde_json::value::RawValue;
 

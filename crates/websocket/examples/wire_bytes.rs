@@ -8,8 +8,9 @@
 //!     cargo run --release -p pushgate-websocket --example wire_bytes
 
 use bytes::Bytes;
+use bytes::BytesMut;
 use flate2::{Compress, FlushCompress};
-use pushgate_websocket::{Compression, Encoding, SharedFrame, batch_wire};
+use pushgate_websocket::{Compression, Encoding, SharedFrame, write_batch};
 
 /// One message compressed on its own (raw deflate, sync flush, tail stripped) with its header.
 fn deflated_len(text: &[u8]) -> usize {
@@ -91,7 +92,9 @@ fn main() {
             .map(|f| deflated_len(&f.payload()))
             .sum::<usize>()
             / BATCH;
-        let batched = batch_wire(&frames, Encoding::DEFLATE).0.len() / BATCH;
+        let mut batch = BytesMut::new();
+        write_batch(&frames, Encoding::DEFLATE, &mut batch);
+        let batched = batch.len() / BATCH;
         let joined: Vec<u8> = (frames.iter().map(|f| f.payload().to_vec()))
             .collect::<Vec<_>>()
             .join(&b'\n');

@@ -8,7 +8,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use flate2::{Compress, Decompress, FlushCompress, FlushDecompress, Status};
 
 use crate::Violation;
-use crate::frame::{self, MAX_SERVER_HEADER, TEXT};
+use crate::frame::{self, TEXT};
 
 /// The empty stored block a sync flush ends with; stripped by the sender and
 /// re-appended by the receiver (RFC 7692 §7.2.1, §7.2.2).
@@ -266,7 +266,9 @@ impl SharedFrame {
         let deflated = self.0.deflated.get_or_init(|| {
             ran = true;
             let body = deflate_message(text).filter(|body| body.len() < text.len())?;
-            Some(Bytes::from(body))
+            // Exactly its length: the compressor's room (more than the input) would otherwise
+            // live as long as the frame, in queues and history.
+            Some(Bytes::copy_from_slice(&body))
         });
         (deflated.as_deref(), ran)
     }
@@ -299,39 +301,29 @@ impl SharedFrame {
 /// The last piece is left open, so the receiver's appended `00 00 ff ff`
 /// closes it. If no piece has a compressed form, or the result is not smaller
 /// than the plain join, the plain batch is sent. A batch of one is that
-/// frame's own [`SharedFrame::wire`]; an empty batch is an empty text message.
-/// Also returns how many compressions this call ran (frames whose
-/// compressed form it computed first), for the compression counter. A piece
-/// longer than the connection's window goes in as stored blocks.
-pub fn batch_wire<'a, I>(frames: I, encoding: Encoding) -> (Bytes, usize)
-where
-    I: IntoIterator<Item = &'a SharedFrame>,
-    I::IntoIter: Clone,
-{
-    let frames = frames.into_iter();
-    let (mut count, mut plain_len, mut ran, mut any_deflated) = (0usize, 0usize, 0usize, false);
-    let mut first = None;
-    for f in frames.clone() {
-        first.get_or_insert(f);
-        count += 1;
-        plain_len += f.text().len();
+/// frame's own frame (as [`SharedFrame::write_to`] writes it); an empty batch
+/// is an empty text message. A piece longer than the connection's window goes
+/// in as stored blocks.
+///
+/// Appends the message to `out` (a connection's write buffer), and returns
+/// how many compressions this call ran (frames whose compressed form it
+/// computed first), for the compression counter.
+pub fn write_batch(frames: &[SharedFrame], encoding: Encoding, out: &mut BytesMut) -> usize {
+    if let [only] = frames {
+        return usize::from(only.write_to(encoding, out));
+    }
+    let (mut ran, mut any_deflated) = (0, false);
+    for f in frames {
         let (deflated, did_run) = f.deflated_for(encoding);
         any_deflated |= deflated.is_some();
         ran += usize::from(did_run);
     }
-    plain_len += count.saturating_sub(1);
-    let Some(first) = first else {
-        return (frame::encode(TEXT, false, b""), 0);
-    };
-    if count == 1 {
-        let mut out = BytesMut::new();
-        ran += usize::from(first.write_to(encoding, &mut out));
-        return (out.freeze(), ran);
-    }
+    let plain_len =
+        frames.iter().map(SharedFrame::len).sum::<usize>() + frames.len().saturating_sub(1);
 
     if any_deflated {
-        let mut w = StoredWriter::new();
-        for (i, f) in frames.clone().enumerate() {
+        let mut w = StoredWriter::default();
+        for (i, f) in frames.iter().enumerate() {
             match f.deflated_for(encoding).0 {
                 Some(piece) => {
                     if i > 0 {
@@ -342,34 +334,34 @@ where
                 None => w.literal(i > 0, f.text()),
             }
         }
-        let out = w.finish();
-        if out.len() - MAX_SERVER_HEADER < plain_len {
-            return (with_header(out, true), ran);
+        let body = w.finish();
+        if body.len() < plain_len {
+            put_header(out, true, body.len());
+            out.put_slice(&body);
+            return ran;
         }
     }
 
-    let mut out = BytesMut::with_capacity(MAX_SERVER_HEADER + plain_len);
-    out.put_bytes(0, MAX_SERVER_HEADER);
-    for (i, f) in frames.enumerate() {
+    put_header(out, false, plain_len);
+    for (i, f) in frames.iter().enumerate() {
         if i > 0 {
             out.put_u8(b'\n');
         }
         out.put_slice(f.text());
     }
-    (with_header(out, false), ran)
+    ran
 }
 
-/// Writes the text frame header into the `MAX_SERVER_HEADER` bytes reserved
-/// at the front of `buf` and drops the unused part of that room.
-fn with_header(mut buf: BytesMut, rsv1: bool) -> Bytes {
-    let len = buf.len() - MAX_SERVER_HEADER;
+/// Appends the header of a text message of `len` payload bytes, with room for
+/// the payload.
+fn put_header(out: &mut BytesMut, rsv1: bool, len: usize) {
     let (header, used) = frame::encode_header(true, rsv1, TEXT, len);
-    let start = MAX_SERVER_HEADER - used;
-    buf[start..MAX_SERVER_HEADER].copy_from_slice(&header[..used]);
-    buf.split_off(start).freeze()
+    out.reserve(used + len);
+    out.put_slice(&header[..used]);
 }
 
 /// Builds a raw deflate stream out of precompressed pieces and literal bytes.
+#[derive(Default)]
 struct StoredWriter {
     out: BytesMut,
     /// The stream ends with the header bits of a stored block whose
@@ -378,12 +370,6 @@ struct StoredWriter {
 }
 
 impl StoredWriter {
-    fn new() -> Self {
-        let mut out = BytesMut::new();
-        out.put_bytes(0, MAX_SERVER_HEADER);
-        Self { out, open: false }
-    }
-
     /// Appends `data`, preceded by `\n` if `sep`, as stored blocks.
     fn literal(&mut self, mut sep: bool, mut data: &[u8]) {
         while sep || !data.is_empty() {
@@ -436,11 +422,13 @@ mod tests {
         (out.freeze(), ran)
     }
 
-    fn batch<'a, I>(frames: I, deflate: bool) -> Bytes
-    where
-        I: IntoIterator<Item = &'a SharedFrame>,
-        I::IntoIter: Clone,
-    {
+    fn batch_wire(frames: &[SharedFrame], encoding: Encoding) -> (Bytes, usize) {
+        let mut out = BytesMut::new();
+        let ran = write_batch(frames, encoding, &mut out);
+        (out.freeze(), ran)
+    }
+
+    fn batch(frames: &[SharedFrame], deflate: bool) -> Bytes {
         batch_wire(frames, deflate.into()).0
     }
 
@@ -648,7 +636,10 @@ mod tests {
         let wire = batch(&frames, true);
         assert!(decodes_to(&wire, &texts.join("\n")));
         // Starting and ending with large ones.
-        let wire = batch([&frames[1], &frames[0], &frames[4]], true);
+        let wire = batch(
+            &[frames[1].clone(), frames[0].clone(), frames[4].clone()],
+            true,
+        );
         assert!(decodes_to(
             &wire,
             &[&texts[1], &texts[0], &texts[4]]
@@ -683,8 +674,8 @@ mod tests {
     #[test]
     fn batch_of_one_and_empty_batch() {
         let f = shared(&json(1, 1000), 256);
-        assert_eq!(batch([&f], true), f.wire(true.into()));
-        assert_eq!(batch([&f], false), f.wire(false.into()));
+        assert_eq!(batch(std::slice::from_ref(&f), true), f.wire(true.into()));
+        assert_eq!(batch(std::slice::from_ref(&f), false), f.wire(false.into()));
         assert_eq!(&batch(&[] as &[SharedFrame], true)[..], &[0x81, 0x00]);
     }
 
@@ -692,10 +683,10 @@ mod tests {
     fn batch_of_one_counts_its_compression() {
         let f = shared(&json(1, 1000), 256);
         assert_eq!(
-            batch_wire([&f], Encoding::DEFLATE),
+            batch_wire(std::slice::from_ref(&f), Encoding::DEFLATE),
             (f.wire(true.into()), 1)
         );
-        assert_eq!(batch_wire([&f], Encoding::DEFLATE).1, 0);
+        assert_eq!(batch_wire(std::slice::from_ref(&f), Encoding::DEFLATE).1, 0);
     }
 
     proptest! {
@@ -707,7 +698,7 @@ mod tests {
             let texts: Vec<String> = pieces.iter().enumerate().map(|(i, &(len, _))| json(i, len)).collect();
             let frames: Vec<SharedFrame> =
                 texts.iter().zip(&pieces).map(|(t, &(_, threshold))| shared(t, threshold)).collect();
-            let wire = batch(frames.iter(), deflate);
+            let wire = batch(&frames, deflate);
             let compressed = decodes_to(&wire, &texts.join("\n"));
             prop_assert!(deflate || !compressed);
         }
@@ -725,7 +716,7 @@ mod tests {
         large.write_to(encoding, &mut out);
         assert_eq!(out[0] & 0x40, 0, "longer than the window: plain");
         // In a batch the long one goes in as stored blocks, and the batch still reads back.
-        let (wire, _) = batch_wire([&small, &large], encoding);
+        let (wire, _) = batch_wire(&[small.clone(), large.clone()], encoding);
         let (rsv1, payload) = split_frame(&wire);
         assert!(rsv1);
         let joined = [small.text(), large.text()].join(&b'\n');

@@ -1,6 +1,6 @@
 //! Frame headers and encoders for server → client frames (never masked, RFC 6455 §5.1).
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 
 pub(crate) const CONTINUATION: u8 = 0x0;
 pub(crate) const TEXT: u8 = 0x1;
@@ -10,7 +10,7 @@ pub(crate) const PING: u8 = 0x9;
 pub(crate) const PONG: u8 = 0xA;
 
 /// Largest payload of a control frame (RFC 6455 §5.5).
-pub const MAX_CONTROL_PAYLOAD: usize = 125;
+pub(crate) const MAX_CONTROL_PAYLOAD: usize = 125;
 /// Largest unmasked header: 2 bytes plus a 64-bit length.
 pub(crate) const MAX_SERVER_HEADER: usize = 10;
 
@@ -101,13 +101,6 @@ pub(crate) fn encode_header(
     (out, used)
 }
 
-/// One complete, final, unmasked frame.
-pub(crate) fn encode(opcode: u8, rsv1: bool, payload: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(MAX_SERVER_HEADER + payload.len());
-    put(&mut out, opcode, rsv1, payload);
-    out.freeze()
-}
-
 /// Appends one complete, final, unmasked frame to `out` (a connection's write buffer).
 pub(crate) fn put(out: &mut BytesMut, opcode: u8, rsv1: bool, payload: &[u8]) {
     let (header, used) = encode_header(true, rsv1, opcode, payload.len());
@@ -168,7 +161,7 @@ pub fn put_close(out: &mut BytesMut, code: Option<(u16, &str)>) {
 /// and sent by real servers, so they are accepted; 1004 is reserved, and
 /// 1005, 1006 and 1015 are for local reporting only and must never be sent.
 /// 3000-4999 belong to libraries and applications.
-pub fn is_valid_close_code(code: u16) -> bool {
+pub(crate) fn is_valid_close_code(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
@@ -197,6 +190,7 @@ pub(crate) fn client_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn written(write: impl FnOnce(&mut BytesMut)) -> Bytes {
         let mut out = BytesMut::new();

@@ -6,7 +6,7 @@
 //!
 //! - [`SharedFrame`] formats a message once per node and compresses it at most
 //!   once (we always negotiate `server_no_context_takeover`, so the compressed
-//!   bytes do not depend on the connection). [`batch_wire`] joins several of
+//!   bytes do not depend on the connection). [`write_batch`] joins several of
 //!   them into one message without recompressing.
 //! - [`FrameReader`] keeps no compression state: a client message is inflated
 //!   with an [`Inflater`] the caller lends per call (we always negotiate
@@ -23,7 +23,7 @@ mod utf8;
 
 use std::fmt;
 
-pub use deflate::{Compression, Encoding, Inflater, SharedFrame, batch_wire};
+pub use deflate::{Compression, Encoding, Inflater, SharedFrame, write_batch};
 pub use negotiate::{Deflate, negotiate};
 pub use reader::{Config, FrameReader, Incoming};
 
