@@ -420,13 +420,14 @@ const SETUPS: [Setup; 3] = [
     },
 ];
 
-const BROKER_VARS: [&str; 3] = [
-    "PUSHGATE_REDIS_URL",
-    "PUSHGATE_REDIS_CLUSTER",
-    "PUSHGATE_REDIS_SENTINEL",
-];
-
 impl Setup {
+    /// The setup started with `--profile name`.
+    fn of_profile(name: &str) -> &'static Setup {
+        (SETUPS.iter())
+            .find(|setup| setup.profile == Some(name))
+            .unwrap_or_else(|| panic!("no setup has profile {name}"))
+    }
+
     /// The nginx configuration its nginx mounts: deploy/nginx/render.sh's output for its nodes.
     fn nginx_conf(&self) -> String {
         match self.profile {
@@ -694,7 +695,7 @@ fn compose_cluster_profile_makes_a_cluster_of_its_members() {
         "the create service waits for every member"
     );
     // The nodes are seeded with every member.
-    for (name, svc) in compose.gateways_of(&SETUPS[1]) {
+    for (name, svc) in compose.gateways_of(Setup::of_profile("cluster")) {
         let env = compose_env(&svc["environment"]);
         let seeds: BTreeSet<String> = url_hosts(&env["PUSHGATE_REDIS_CLUSTER"])
             .into_iter()
@@ -718,7 +719,7 @@ fn compose_sentinel_profile_monitors_the_primary_the_nodes_ask_for() {
         .map(|(name, _)| name)
         .collect();
     assert_eq!(sentinels.len(), 3, "three sentinels: {sentinels:?}");
-    for (name, svc) in compose.gateways_of(&SETUPS[2]) {
+    for (name, svc) in compose.gateways_of(Setup::of_profile("sentinel")) {
         let env = compose_env(&svc["environment"]);
         let master = &env["PUSHGATE_REDIS_SENTINEL_MASTER"];
         assert_eq!(
@@ -785,7 +786,8 @@ fn compose_gateway_env_names_are_real_flags() {
         let setup = (SETUPS.iter())
             .find(|setup| setup.profile == profile(svc).as_deref())
             .expect("a known setup");
-        let modes: Vec<&str> = (BROKER_VARS.into_iter())
+        let modes: Vec<&str> = (SETUPS.iter())
+            .map(|other| other.broker_var)
             .filter(|var| env.contains_key(*var))
             .collect();
         assert_eq!(modes, [setup.broker_var], "{name}'s broker");
@@ -1981,6 +1983,38 @@ fn trusted_proxies(file: &str, value: &str) -> Vec<(u32, u32)> {
         "{file}: PUSHGATE_TRUSTED_PROXIES is empty"
     );
     entries
+}
+
+#[test]
+fn compose_fixed_addresses_are_in_the_subnet_and_outside_the_dynamic_range() {
+    let compose = Compose::load();
+    let docs = yaml_docs("docker-compose.yml");
+    let config = &docs[0]["networks"]["default"]["ipam"]["config"][0];
+    let subnet = ipv4_cidr(&s(&config["subnet"]));
+    let dynamic = ipv4_cidr(&s(&config["ip_range"]));
+    assert!(
+        cidr_contains(subnet, dynamic.0) && dynamic.1 >= subnet.1,
+        "ip_range lies in the subnet"
+    );
+    let fixed: Vec<(&String, String)> = (compose.services.keys())
+        .filter_map(|name| Some((name, compose.address(name)?)))
+        .collect();
+    assert!(
+        fixed.len() >= 9,
+        "the nginx services and cluster members: {fixed:?}"
+    );
+    for (name, addr) in fixed {
+        let ip = ipv4_cidr(&addr).0;
+        assert!(
+            cidr_contains(subnet, ip),
+            "{name}'s {addr} is in the subnet"
+        );
+        // Docker does not hold an address back for a container not started yet.
+        assert!(
+            !cidr_contains(dynamic, ip),
+            "{name}'s {addr} is outside ip_range, so no other container can take it first"
+        );
+    }
 }
 
 #[test]
