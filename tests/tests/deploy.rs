@@ -1852,10 +1852,10 @@ fn scripts_parse() {
     for script in scripts {
         run(Command::new("bash").arg("-n").arg(root().join(&script)));
     }
-    // make-certs.sh is plain POSIX sh (it runs in minimal containers).
-    run(Command::new("sh")
-        .arg("-n")
-        .arg(root().join("deploy/tls/make-certs.sh")));
+    // These are plain POSIX sh: they run in minimal containers.
+    for script in ["deploy/tls/make-certs.sh", "deploy/redis/cluster-create.sh"] {
+        run(Command::new("sh").arg("-n").arg(root().join(script)));
+    }
 }
 
 #[test]
