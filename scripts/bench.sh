@@ -11,6 +11,8 @@
 # machine's two cores); MISSION_SUBS the subscriber counts (default "2000 10000"); MISSION_ROUNDS
 # how many times each find-max runs, alternating pushgate and the baseline (default 1; the summary
 # gives medians and each round's ratio); MISSION_VIAS the publish paths (default "ws http redis").
+# MISSION_PARTS picks parts (default "idle findmax moderate one"); `steady` (not by default)
+# holds STEADY_RATE msg/s (default 20) to MISSION_SUBS (default 10000) for four 5-second runs.
 #
 # `socketio` runs mission's 2,000-subscriber find-max and moderate load against Socket.IO with its
 # Redis adapter, two Node.js processes (crates/bench/socketio/server.js), for comparison. It needs
@@ -75,6 +77,8 @@ for s in "${scenarios[@]}"; do
         wait_http "http://127.0.0.1:$p1/readyz"; wait_http "http://127.0.0.1:$p2/readyz"
         URLS="ws://127.0.0.1:$p1/ws,ws://127.0.0.1:$p2/ws"
       }
+      # The nodes' own latency histograms (delivery lag, Redis hop), into $out/NAME-n1.metrics.
+      scrape() { curl -fsS "http://127.0.0.1:$p1/metrics" >"$out/$1-n1.metrics"; curl -fsS "http://127.0.0.1:$p2/metrics" >"$out/$1-n2.metrics"; }
       if [[ $parts == *" idle "* ]]; then
         # Idle memory with Redis: 5,000 connections on each of two fresh nodes, both held open.
         rm -f "$out"/mission-idle-*.txt
@@ -113,8 +117,6 @@ for s in "${scenarios[@]}"; do
         # alternating rounds (single runs swing by several ms on two shared cores).
         rm -f "$out"/mission-moderate-*.txt "$out"/mission-moderate-*.metrics
         cluster
-        # The nodes' own latency histograms around each run (delivery lag, Redis hop).
-        scrape() { curl -fsS "http://127.0.0.1:$p1/metrics" >"$out/$1-n1.metrics"; curl -fsS "http://127.0.0.1:$p2/metrics" >"$out/$1-n2.metrics"; }
         for round in $(seq 1 "${MODERATE_ROUNDS:-3}"); do
           for via in ws http redis; do
             scrape "mission-moderate-$via-$round-before"
@@ -125,6 +127,29 @@ for s in "${scenarios[@]}"; do
           run "mission-moderate-baseline-$round" $B baseline fanout -s 2000 -p 1 -r 25 --payload-size 100 --duration 10s
         done
         cleanup; pids=()
+      fi
+      if [[ $parts == *" steady "* ]]; then
+        # Latency at one rate (STEADY_RATE, 20 msg/s) to MISSION_SUBS (here 10,000) subscribers:
+        # four 5-second runs on the same connections, alternating rounds as in findmax. Where a
+        # search's p99 sits near its bound, whether a step passes is luck; this shows the p99
+        # itself, and the nodes' histograms show where it is spent.
+        rm -f "$out"/mission-steady-*
+        rate=${STEADY_RATE:-20}
+        for subs in ${MISSION_SUBS:-10000}; do
+          for round in $(seq 1 "${MISSION_ROUNDS:-1}"); do
+            for via in ${MISSION_VIAS:-ws http redis}; do
+              publishers=1; [[ $via == http ]] && publishers=8
+              cluster
+              run "mission-steady-$subs-$via-$round" $B fanout --url "$URLS" -s "$subs" -p "$publishers" \
+                --via "$via" --redis-url "redis://127.0.0.1:$RP/" -r "$rate" --payload-size 100 \
+                --duration 5s --steps 4
+              scrape "mission-steady-$subs-$via-$round"
+              cleanup; pids=()
+            done
+            run "mission-steady-$subs-baseline-$round" $B baseline fanout -s "$subs" -p 1 -r "$rate" \
+              --payload-size 100 --duration 5s --steps 4
+          done
+        done
       fi
       if [[ $parts == *" one "* ]]; then
         # One publishing connection, pipelined through Redis to a subscriber on each node.

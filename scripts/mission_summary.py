@@ -1,7 +1,7 @@
 """Summarises `scripts/bench.sh mission`: for each subscriber count, the highest zero-loss rate with
 p99 < 250 ms for client, API and backend publishes on 2 nodes + Redis against the baseline; the
 moderate-load latencies (and the nodes' own delivery-lag and Redis-hop histograms over those
-runs); one connection's publish rate; idle memory per connection."""
+runs); the latency at one steady rate; one connection's publish rate; idle memory per connection."""
 
 import json
 import os
@@ -125,6 +125,30 @@ def main(out):
         print(f"  {name:<8} p50 {p50:.2f}  p99 {p99:.2f}  (p99 per round: {each})  loss {loss}")
         if name != "baseline" and (nodes := node_latency(out, name)):
             print(f"           node histograms, ms (ts has 1 ms resolution): {nodes}")
+    steady = {}
+    for f in sorted(os.listdir(out)):
+        m = re.match(r"mission-steady-(\d+)-(\w+)-(\d+)\.txt$", f)
+        if m and (r := load(out, f[len("mission-"):-len(".txt")])) is not None:
+            steady.setdefault((int(m.group(1)), m.group(2)), []).append((f[:-len(".txt")], r))
+    for (subs, via), runs in sorted(steady.items(), key=lambda kv: (kv[0][0], kv[0][1] == "baseline", kv[0][1])):
+        steps = [s for _, r in runs for s in r["steps"]]
+        p99s = [s["latency"]["p99_ms"] for s in steps]
+        loss = sum(s["loss"] for s in steps)
+        print(
+            f"steady {steps[0]['rate']:.0f} msg/s x {subs:,} subscribers, via {via:<8} p50 "
+            f"{statistics.median(s['latency']['p50_ms'] for s in steps):.1f}  p99 {statistics.median(p99s):.1f} "
+            f"(median of {len(steps)} runs; range {min(p99s):.1f}-{max(p99s):.1f})  loss {loss}"
+        )
+        lags = []
+        for node in ("n1", "n2"):
+            total = {}
+            for name, _ in runs:
+                for le, n in buckets(f"{out}/{name}-{node}.metrics", "pushgate_delivery_lag_seconds").items():
+                    total[le] = total.get(le, 0.0) + n
+            if (p99 := quantile(0.99, total)) is not None:
+                lags.append(f"{node} p50 {quantile(0.5, total) * 1000:.0f} p99 {p99 * 1000:.0f}")
+        if lags:
+            print(f"           nodes' delivery lag, ms (bucket-interpolated): {'; '.join(lags)}")
     r = load(out, "one-connection")
     if r is not None:
         print(

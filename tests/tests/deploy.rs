@@ -753,6 +753,11 @@ fn compose_sentinel_profile_monitors_the_primary_the_nodes_ask_for() {
                 script.contains("sentinel resolve-hostnames yes"),
                 "{sentinel}"
             );
+            // Through the image's entrypoint, which drops root for `redis-server` only.
+            assert!(
+                script.contains("exec docker-entrypoint.sh redis-server "),
+                "{sentinel} runs as root: {script}"
+            );
         }
     }
     let replica = compose.service("redis-replica")["command"]

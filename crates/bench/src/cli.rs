@@ -253,6 +253,10 @@ pub struct FanoutLoad {
     /// After publishing, how long to wait with no new delivery before counting the rest lost.
     #[arg(long, default_value = "3s", value_parser = duration)]
     pub drain_timeout: Duration,
+    /// Without --find-max: runs of --duration (or --count) at --rate, back to back on the same
+    /// connections, each reported on its own (how much one measurement moves).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub steps: u32,
     /// Step the rate up from --rate (times --step-factor) until a step loses a message, has a
     /// publish rejected, falls behind its rate, or has p99 over --p99-bound; then bisect between
     /// the last good and first bad rate; report the highest good rate.

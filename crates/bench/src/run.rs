@@ -674,6 +674,9 @@ pub async fn fanout(
     if load.find_max && load.step_factor <= 1.0 {
         bail!("--step-factor must be above 1");
     }
+    if load.find_max && load.steps > 1 {
+        bail!("--steps repeats one rate: it does not go with --find-max");
+    }
     let procs = load.procs.procs;
     let s = load.subscribers;
     let publishers = u64::from(load.publishers);
@@ -792,7 +795,9 @@ async fn fanout_steps(
 ) -> anyhow::Result<(Vec<StepResult>, Option<usize>)> {
     let mut steps = Vec::new();
     if !load.find_max {
-        steps.push(run.step(1, load.rate).await?);
+        for n in 1..=load.steps {
+            steps.push(run.step(u64::from(n), load.rate).await?);
+        }
         return Ok((steps, Some(0)));
     }
     let try_rate = |steps: &mut Vec<StepResult>, r: StepResult| {

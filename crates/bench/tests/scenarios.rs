@@ -190,6 +190,17 @@ async fn fanout_across_two_nodes_and_redis() {
     // Client publishes on both nodes.
     let (v, _) = bench(&[&common[..], &["--via", "ws", "-p", "2"]].concat()).await;
     assert_fanout(&v, 20, 50);
+
+    // The same rate three times on the same connections, each run counted on its own.
+    let (v, _) = bench(&[&common[..], &["--via", "ws", "--steps", "3"]].concat()).await;
+    assert_fanout(&v, 20, 50);
+    let steps = v["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 3, "{v}");
+    for (i, s) in steps.iter().enumerate() {
+        assert_eq!(u(s, "step"), i as u64 + 1, "{s}");
+        assert_eq!(f(s, "rate"), 100.0, "{s}");
+        assert_eq!((u(s, "received"), u(s, "loss")), (20 * 50, 0), "{s}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
