@@ -9,7 +9,7 @@
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use pushgate_tests::{NodeProcess, RedisServer, WAIT, api, metric, token};
-use pushgate_websocket::{Config, FrameReader, Incoming, Inflater};
+use pushgate_websocket::{Config, FrameReader, Incoming};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -74,14 +74,9 @@ impl DeflateClient {
 
     /// The next text message's payload.
     async fn next_text(&mut self) -> Vec<u8> {
-        let mut inflater = Inflater::new();
         loop {
             let rsv1 = self.buf.first().is_some_and(|b| b & 0x40 != 0);
-            match self
-                .reader
-                .read(&mut self.buf, &mut inflater)
-                .expect("valid frames")
-            {
+            match self.reader.read(&mut self.buf).expect("valid frames") {
                 Some(Incoming::Text(text)) => {
                     self.compressed += usize::from(rsv1);
                     return text.to_vec();

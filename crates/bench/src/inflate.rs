@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BytesMut};
-use pushgate_websocket::{Config, FrameReader, Incoming, Inflater, frame};
+use pushgate_websocket::{Config, FrameReader, Incoming, frame};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -26,7 +26,6 @@ struct Inflate {
     /// The HTTP response passed through: frames follow.
     upgraded: bool,
     reader: FrameReader,
-    inflater: Inflater,
 }
 
 impl BenchTcp {
@@ -40,7 +39,6 @@ impl BenchTcp {
                     max_message: 64 << 20,
                     deflate: true,
                 }),
-                inflater: Inflater::new(),
             })
         });
         Self { tcp, inflate }
@@ -58,7 +56,7 @@ impl Inflate {
             self.upgraded = true;
         }
         while let Some(message) = (self.reader)
-            .read(&mut self.raw, &mut self.inflater)
+            .read(&mut self.raw)
             .map_err(io::Error::other)?
         {
             let out = &mut self.out;

@@ -9,7 +9,6 @@
 //! through one dropped once written, and client messages are inflated with the worker
 //! thread's inflater (we ask for `client_no_context_takeover`).
 
-use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
@@ -25,7 +24,7 @@ use futures_util::{Sink, Stream};
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use pushgate_websocket::{
-    Config, Encoding, FrameReader, Incoming, Inflater, SharedFrame, Violation, frame, write_batch,
+    Config, Encoding, FrameReader, Incoming, SharedFrame, Violation, frame, write_batch,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -215,12 +214,6 @@ pub struct Options {
     pub compressions: Counter,
 }
 
-thread_local! {
-    /// Inflates client messages of every connection this worker thread serves: each message is
-    /// inflated from a fresh state (`client_no_context_takeover`), so none is kept per connection.
-    static INFLATER: RefCell<Inflater> = RefCell::new(Inflater::new());
-}
-
 /// A server-side WebSocket over `io`.
 pub struct WebSocket<S> {
     io: S,
@@ -341,7 +334,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             let read = if self.read_buf.is_empty() {
                 Ok(None)
             } else {
-                INFLATER.with_borrow_mut(|inflater| self.reader.read(&mut self.read_buf, inflater))
+                self.reader.read(&mut self.read_buf)
             };
             match read {
                 Ok(Some(incoming)) => {
@@ -491,9 +484,8 @@ mod tests {
 
     impl Peer {
         async fn next(&mut self) -> Incoming {
-            let mut inflater = Inflater::new();
             loop {
-                if let Some(message) = self.reader.read(&mut self.buf, &mut inflater).unwrap() {
+                if let Some(message) = self.reader.read(&mut self.buf).unwrap() {
                     return message;
                 }
                 let mut chunk = [0u8; 4096];

@@ -100,16 +100,21 @@ fn deflate_message(data: &[u8]) -> Option<Vec<u8>> {
     })
 }
 
-/// Inflates client messages. Holds the only inflate state (~45 KiB): keep one
-/// per worker thread or in a small pool and lend it to [`crate::FrameReader::read`].
-pub struct Inflater {
-    inner: Decompress,
+thread_local! {
+    /// Inflates the messages of every connection this thread reads: each message is inflated
+    /// from a fresh state (`client_no_context_takeover`), so no connection keeps ~45 KiB of its
+    /// own.
+    static INFLATER: RefCell<Inflater> = RefCell::new(Inflater::new());
 }
 
-impl Default for Inflater {
-    fn default() -> Self {
-        Self::new()
-    }
+/// [`Inflater::inflate`] with this thread's inflater.
+pub(crate) fn inflate(compressed: &[u8], max: usize) -> Result<Bytes, Violation> {
+    INFLATER.with_borrow_mut(|inflater| inflater.inflate(compressed, max))
+}
+
+/// Inflates client messages; holds the only inflate state.
+pub(crate) struct Inflater {
+    inner: Decompress,
 }
 
 impl std::fmt::Debug for Inflater {
@@ -119,7 +124,7 @@ impl std::fmt::Debug for Inflater {
 }
 
 impl Inflater {
-    pub fn new() -> Self {
+    fn new() -> Self {
         Self {
             inner: Decompress::new(false),
         }
@@ -129,7 +134,7 @@ impl Inflater {
     /// state, as `client_no_context_takeover` allows. Stops with 1009 as soon
     /// as the output passes `max` bytes, so a small bomb cannot allocate more
     /// than about `max`; corrupt data gives 1007.
-    pub fn inflate(&mut self, compressed: &[u8], max: usize) -> Result<Bytes, Violation> {
+    fn inflate(&mut self, compressed: &[u8], max: usize) -> Result<Bytes, Violation> {
         const TOO_BIG: Violation = Violation::too_big("message too big");
         self.inner.reset(false);
         let mut out: Vec<u8> = Vec::new();
@@ -473,7 +478,7 @@ mod tests {
             deflate: true,
         });
         let mut buf = BytesMut::from(&wire[..]);
-        let Ok(Some(Incoming::Text(text))) = r.read(&mut buf, &mut Inflater::new()) else {
+        let Ok(Some(Incoming::Text(text))) = r.read(&mut buf) else {
             panic!("not a text message");
         };
         assert!(buf.is_empty());

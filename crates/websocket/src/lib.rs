@@ -9,7 +9,7 @@
 //!   bytes do not depend on the connection). [`write_batch`] joins several of
 //!   them into one message without recompressing.
 //! - [`FrameReader`] keeps no compression state: a client message is inflated
-//!   with an [`Inflater`] the caller lends per call (we always negotiate
+//!   by its thread's one inflater (we always negotiate
 //!   `client_no_context_takeover`), so an idle connection costs a few dozen
 //!   bytes.
 //! - [`negotiate`] answers the `Sec-WebSocket-Extensions` offer.
@@ -23,7 +23,7 @@ mod utf8;
 
 use std::fmt;
 
-pub use deflate::{Compression, Encoding, Inflater, SharedFrame, write_batch};
+pub use deflate::{Compression, Encoding, SharedFrame, write_batch};
 pub use negotiate::{Deflate, negotiate};
 pub use reader::{Config, FrameReader, Incoming};
 

@@ -3,7 +3,6 @@
 use bytes::{Buf, Bytes, BytesMut};
 
 use crate::Violation;
-use crate::deflate::Inflater;
 use crate::frame::{self, BINARY, CLOSE, CONTINUATION, Header, PING, PONG, TEXT};
 use crate::utf8::Utf8;
 
@@ -77,11 +76,7 @@ impl FrameReader {
     /// Limits are checked on the announced length, before the payload
     /// arrives. `buf` is not grown here: reserving the announced length up
     /// front would let a 14-byte header allocate `max_message`.
-    pub fn read(
-        &mut self,
-        buf: &mut BytesMut,
-        inflater: &mut Inflater,
-    ) -> Result<Option<Incoming>, Violation> {
+    pub fn read(&mut self, buf: &mut BytesMut) -> Result<Option<Incoming>, Violation> {
         loop {
             let Some(header) = frame::parse_header(buf) else {
                 return Ok(None);
@@ -99,7 +94,7 @@ impl FrameReader {
             if header.is_control() {
                 return control(header.opcode, payload.freeze()).map(Some);
             }
-            if let Some(message) = self.data(&header, payload, inflater)? {
+            if let Some(message) = self.data(&header, payload)? {
                 return Ok(Some(message));
             }
         }
@@ -167,12 +162,7 @@ impl FrameReader {
     }
 
     /// Adds a data frame to the message; returns the message when it is complete.
-    fn data(
-        &mut self,
-        h: &Header,
-        payload: BytesMut,
-        inflater: &mut Inflater,
-    ) -> Result<Option<Incoming>, Violation> {
+    fn data(&mut self, h: &Header, payload: BytesMut) -> Result<Option<Incoming>, Violation> {
         let mut message = match self.message.take() {
             Some(mut m) => {
                 m.data.extend_from_slice(&payload);
@@ -199,7 +189,7 @@ impl FrameReader {
             return Ok(None);
         }
         let data = if message.compressed {
-            inflater.inflate(&message.data, self.config.max_message)?
+            crate::deflate::inflate(&message.data, self.config.max_message)?
         } else {
             std::mem::take(&mut message.data).freeze()
         };
@@ -280,10 +270,9 @@ pub(crate) mod tests {
     /// Everything `input` yields at once, stopping at the first violation.
     fn read_all(r: &mut FrameReader, input: &[u8]) -> Vec<Result<Incoming, Violation>> {
         let mut buf = BytesMut::from(input);
-        let mut inflater = Inflater::new();
         let mut out = Vec::new();
         loop {
-            match r.read(&mut buf, &mut inflater) {
+            match r.read(&mut buf) {
                 Ok(Some(m)) => out.push(Ok(m)),
                 Ok(None) => return out,
                 Err(v) => {
@@ -622,22 +611,15 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn one_inflater_serves_many_readers() {
-        let mut inflater = Inflater::new();
+    fn readers_share_the_threads_inflater() {
         let (mut r1, mut r2) = (reader(true), reader(true));
         for i in 0..3 {
             let m1 = format!("first connection {i} ").repeat(20);
             let m2 = format!("second connection {i} ").repeat(30);
             let mut b1 = BytesMut::from(&cf(true, RSV1, TEXT, &browser_deflate(m1.as_bytes()))[..]);
             let mut b2 = BytesMut::from(&cf(true, RSV1, TEXT, &browser_deflate(m2.as_bytes()))[..]);
-            assert_eq!(
-                r1.read(&mut b1, &mut inflater).map(Option::unwrap),
-                text(&m1)
-            );
-            assert_eq!(
-                r2.read(&mut b2, &mut inflater).map(Option::unwrap),
-                text(&m2)
-            );
+            assert_eq!(r1.read(&mut b1).map(Option::unwrap), text(&m1));
+            assert_eq!(r2.read(&mut b2).map(Option::unwrap), text(&m2));
         }
     }
 
@@ -681,14 +663,14 @@ pub(crate) mod tests {
 
     /// Feeds `input` in the given chunks, reading after each.
     fn read_chunked(input: &[u8], cuts: &[usize]) -> Vec<Result<Incoming, Violation>> {
-        let (mut r, mut inflater, mut buf) = (reader(true), Inflater::new(), BytesMut::new());
+        let (mut r, mut buf) = (reader(true), BytesMut::new());
         let mut out = Vec::new();
         let mut start = 0;
         for &end in cuts.iter().chain([&input.len()]) {
             let end = end.clamp(start, input.len());
             buf.extend_from_slice(&input[start..end]);
             start = end;
-            while let Some(m) = r.read(&mut buf, &mut inflater).transpose() {
+            while let Some(m) = r.read(&mut buf).transpose() {
                 out.push(m);
             }
         }
