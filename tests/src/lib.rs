@@ -19,6 +19,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod raw_ws;
+
 /// How long any single expected event may take before a test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
 

@@ -6,111 +6,41 @@
 //! WebSocket client library here inflates); the plain ones are tungstenite clients that offer
 //! no extension.
 
-use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
+use pushgate_tests::raw_ws::RawWs;
+use pushgate_tests::raw_ws::first::{FIN, TEXT};
 use pushgate_tests::{NodeProcess, RedisServer, WAIT, api, metric, token};
-use pushgate_websocket::{Config, FrameReader, Incoming};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-/// A subscriber that negotiated permessage-deflate, speaking the protocol by hand.
-struct DeflateClient {
-    tcp: TcpStream,
-    reader: FrameReader,
-    buf: BytesMut,
-    /// Messages that came compressed (RSV1), of those read.
-    compressed: usize,
+/// A subscriber to `channel` that negotiated permessage-deflate, spoken by hand.
+async fn deflate_client(node: &NodeProcess, user: &str, channel: &str) -> RawWs {
+    let headers = format!(
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\
+         Authorization: Bearer {}\r\n",
+        token(user, &[channel], &[channel]),
+    );
+    let (mut ws, head) = RawWs::open(node.addr, "/ws", &headers).await;
+    let extensions = head
+        .lines()
+        .find_map(|l| l.strip_prefix("sec-websocket-extensions: "))
+        .expect("deflate negotiated");
+    assert_eq!(
+        extensions,
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+    );
+    assert_eq!(next_json(&mut ws).await["type"], "welcome");
+    let subscribe = json!({"type": "subscribe", "id": 1, "channel": channel});
+    ws.send(FIN | TEXT, true, subscribe.to_string().as_bytes())
+        .await;
+    assert_eq!(next_json(&mut ws).await["type"], "ack");
+    ws
 }
 
-impl DeflateClient {
-    async fn connect(node: &NodeProcess, user: &str, channel: &str) -> Self {
-        let mut tcp = TcpStream::connect(node.addr).await.expect("connect");
-        let request = format!(
-            "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-             Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\
-             Authorization: Bearer {}\r\n\r\n",
-            node.addr,
-            token(user, &[channel], &[channel]),
-        );
-        tcp.write_all(request.as_bytes()).await.expect("write");
-        let mut buf = BytesMut::new();
-        let head = loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break String::from_utf8_lossy(&buf.split_to(end + 4)).into_owned();
-            }
-            read_more(&mut tcp, &mut buf).await;
-        };
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        let extensions = head
-            .lines()
-            .find_map(|l| l.strip_prefix("sec-websocket-extensions: "))
-            .expect("deflate negotiated");
-        assert_eq!(
-            extensions,
-            "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
-        );
-        let reader = FrameReader::client(Config {
-            max_message: 1 << 20,
-            deflate: true,
-        });
-        let mut client = Self {
-            tcp,
-            reader,
-            buf,
-            compressed: 0,
-        };
-        assert_eq!(client.next_json().await["type"], "welcome");
-        client
-            .send(&json!({"type": "subscribe", "id": 1, "channel": channel}))
-            .await;
-        assert_eq!(client.next_json().await["type"], "ack");
-        client
-    }
-
-    /// The next text message's payload.
-    async fn next_text(&mut self) -> Vec<u8> {
-        loop {
-            let rsv1 = self.buf.first().is_some_and(|b| b & 0x40 != 0);
-            match self.reader.read(&mut self.buf).expect("valid frames") {
-                Some(Incoming::Text(text)) => {
-                    self.compressed += usize::from(rsv1);
-                    return text.to_vec();
-                }
-                Some(_) => {}
-                None => read_more(&mut self.tcp, &mut self.buf).await,
-            }
-        }
-    }
-
-    async fn next_json(&mut self) -> Value {
-        serde_json::from_slice(&self.next_text().await).expect("JSON")
-    }
-
-    /// Sends a masked text frame (requests are small: a 7-bit length).
-    async fn send(&mut self, frame: &Value) {
-        let payload = frame.to_string().into_bytes();
-        assert!(payload.len() < 126);
-        let key = [7, 1, 9, 3];
-        let mut wire = vec![0x81, 0x80 | payload.len() as u8];
-        wire.extend_from_slice(&key);
-        wire.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-        self.tcp.write_all(&wire).await.expect("write");
-    }
-}
-
-async fn read_more(tcp: &mut TcpStream, buf: &mut BytesMut) {
-    let mut chunk = [0u8; 8192];
-    let n = timeout(WAIT, tcp.read(&mut chunk))
-        .await
-        .expect("timed out reading")
-        .expect("read");
-    assert!(n > 0, "the connection ended");
-    buf.extend_from_slice(&chunk[..n]);
+async fn next_json(ws: &mut RawWs) -> Value {
+    serde_json::from_slice(&ws.next_text().await).expect("JSON")
 }
 
 /// A dashboard update of about 2 KB.
@@ -136,7 +66,7 @@ async fn a_compressed_fan_out_delivers_the_same_bytes_to_1000_subscribers_across
     let mut deflated = Vec::new();
     for i in 0..SUBSCRIBERS {
         let node = &nodes[i % nodes.len()];
-        deflated.push(DeflateClient::connect(node, &format!("d{i}"), CHANNEL).await);
+        deflated.push(deflate_client(node, &format!("d{i}"), CHANNEL).await);
     }
     // Beside them, on every node, a client that offers no extension.
     let mut plain = Vec::new();

@@ -8,152 +8,26 @@
 mod common;
 
 use common::TestNode;
+use pushgate_tests::raw_ws::RawWs;
+use pushgate_tests::raw_ws::first::{CLOSE, CONTINUATION, FIN, PING, RSV1, RSV2, RSV3, TEXT};
 use pushgate_tests::{WAIT, eventually, token};
+use pushgate_websocket::Incoming;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-const TEXT: u8 = 0x1;
-const CONTINUATION: u8 = 0x0;
-const CLOSE: u8 = 0x8;
-const PING: u8 = 0x9;
-const FIN: u8 = 0x80;
-const RSV1: u8 = 0x40;
-const RSV2: u8 = 0x20;
-const RSV3: u8 = 0x10;
-
-/// A WebSocket connection spoken by hand.
-struct RawWs {
-    tcp: TcpStream,
-    /// Bytes read and not yet parsed into frames.
-    read: Vec<u8>,
-}
-
-impl RawWs {
-    /// Opens `path` (`/ws` or `/echo`) with a valid token and, on `/ws`, reads the welcome.
-    async fn open(node: &TestNode, path: &str) -> Self {
-        let token = token("alice", &["*"], &["*"]);
-        let mut tcp = TcpStream::connect(node.addr).await.expect("connect");
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-             Authorization: Bearer {token}\r\n\r\n",
-            node.addr
-        );
-        tcp.write_all(request.as_bytes()).await.expect("write");
-        let mut ws = Self {
-            tcp,
-            read: Vec::new(),
-        };
-        let head = ws.until(b"\r\n\r\n").await;
-        let head = String::from_utf8_lossy(&head);
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        if path == "/ws" {
-            let (opcode, payload) = ws.frame().await.expect("the welcome");
-            assert_eq!(opcode, TEXT);
-            assert!(String::from_utf8_lossy(&payload).contains("welcome"));
-        }
-        ws
+/// Opens `path` (`/ws` or `/echo`) with a valid token and, on `/ws`, reads the welcome.
+async fn open(node: &TestNode, path: &str) -> RawWs {
+    let bearer = format!(
+        "Authorization: Bearer {}\r\n",
+        token("alice", &["*"], &["*"])
+    );
+    let (mut ws, _) = RawWs::open(node.addr, path, &bearer).await;
+    if path == "/ws" {
+        let welcome = ws.next_text().await;
+        assert!(String::from_utf8_lossy(&welcome).contains("welcome"));
     }
-
-    /// Reads until `end`, and returns what came before it.
-    async fn until(&mut self, end: &[u8]) -> Vec<u8> {
-        loop {
-            if let Some(at) = self.read.windows(end.len()).position(|w| w == end) {
-                let rest = self.read.split_off(at + end.len());
-                let mut head = std::mem::replace(&mut self.read, rest);
-                head.truncate(at);
-                return head;
-            }
-            assert!(self.fill().await > 0, "connection ended before {end:?}");
-        }
-    }
-
-    async fn fill(&mut self) -> usize {
-        let mut chunk = [0; 4096];
-        let n = timeout(WAIT, self.tcp.read(&mut chunk))
-            .await
-            .expect("timed out reading")
-            .unwrap_or(0);
-        self.read.extend_from_slice(&chunk[..n]);
-        n
-    }
-
-    /// The server's next frame: `(opcode, payload)`, or `None` once the connection ended.
-    async fn frame(&mut self) -> Option<(u8, Vec<u8>)> {
-        loop {
-            if let Some((header, len)) = parse_header(&self.read)
-                && self.read.len() >= header + len
-            {
-                let opcode = self.read[0] & 0x0f;
-                let payload = self.read[header..header + len].to_vec();
-                self.read.drain(..header + len);
-                return Some((opcode, payload));
-            }
-            if self.fill().await == 0 {
-                return None;
-            }
-        }
-    }
-
-    /// Writes one frame: `first` is the FIN, RSV and opcode byte.
-    async fn send(&mut self, first: u8, masked: bool, payload: &[u8]) {
-        let mut frame = vec![first];
-        let mask_bit = if masked { 0x80 } else { 0 };
-        match payload.len() {
-            n @ 0..=125 => frame.push(mask_bit | n as u8),
-            n @ 126..=0xffff => {
-                frame.push(mask_bit | 126);
-                frame.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                frame.push(mask_bit | 127);
-                frame.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        if masked {
-            let key = [0x12, 0x34, 0x56, 0x78];
-            frame.extend_from_slice(&key);
-            frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-        } else {
-            frame.extend_from_slice(payload);
-        }
-        self.tcp.write_all(&frame).await.expect("write");
-    }
-
-    /// The code of the server's close frame, skipping what comes before it; `None` if the
-    /// connection ended without one.
-    async fn close_code(&mut self) -> Option<u16> {
-        while let Some((opcode, payload)) = self.frame().await {
-            if opcode == CLOSE {
-                return payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
-            }
-        }
-        None
-    }
-
-    /// Whether the server closed the TCP connection after its close frame.
-    async fn ended(&mut self) -> bool {
-        while self.frame().await.is_some() {}
-        true
-    }
-}
-
-/// `(header length, payload length)` of the unmasked frame at the start of `bytes`, once its
-/// header is complete.
-fn parse_header(bytes: &[u8]) -> Option<(usize, usize)> {
-    let len = *bytes.get(1)? & 0x7f;
-    match len {
-        126 => Some((
-            4,
-            u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]) as usize,
-        )),
-        127 => {
-            let raw: [u8; 8] = bytes.get(2..10)?.try_into().ok()?;
-            Some((10, u64::from_be_bytes(raw) as usize))
-        }
-        n => Some((2, n as usize)),
-    }
+    ws
 }
 
 /// On `/ws` and on `/echo`: `violate` breaks the protocol, and the server answers with a
@@ -164,17 +38,17 @@ where
 {
     let node = TestNode::start(&[]).await;
     for path in ["/ws", "/echo"] {
-        let mut ws = RawWs::open(&node, path).await;
+        let mut ws = open(&node, path).await;
         // A valid exchange first: the connection works until the violation.
         ws.send(FIN | PING, true, b"hi").await;
         assert_eq!(
-            ws.frame().await,
-            Some((0xA, b"hi".to_vec())),
+            ws.next().await,
+            Some(Incoming::Pong("hi".into())),
             "{path}: pong"
         );
         violate(&mut ws).await;
         assert_eq!(ws.close_code().await, Some(code), "{path}");
-        assert!(ws.ended().await);
+        ws.until_ended().await;
     }
     eventually("the connections are released", || async {
         node.connections() == 0
@@ -270,18 +144,11 @@ async fn invalid_utf8_across_fragments_gets_1007() {
 #[tokio::test]
 async fn a_valid_fragmented_message_still_works() {
     let node = TestNode::start(&[]).await;
-    let mut ws = RawWs::open(&node, "/echo").await;
+    let mut ws = open(&node, "/echo").await;
     ws.send(TEXT, true, "h\u{e9}".as_bytes()).await;
     ws.send(FIN | PING, true, b"").await; // control frames may come between fragments
     ws.send(FIN | CONTINUATION, true, "llo".as_bytes()).await;
-    let mut got = Vec::new();
-    while let Some((opcode, payload)) = ws.frame().await {
-        if opcode == TEXT {
-            got = payload;
-            break;
-        }
-    }
-    assert_eq!(String::from_utf8(got).unwrap(), "h\u{e9}llo");
+    assert_eq!(ws.next_text().await, "h\u{e9}llo".as_bytes());
 }
 
 /// The status line of the answer to a `GET path` with `headers`.
