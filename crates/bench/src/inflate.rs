@@ -91,7 +91,8 @@ impl AsyncRead for BenchTcp {
                 inflate.out.advance(n);
                 return Poll::Ready(Ok(()));
             }
-            let mut chunk = [0u8; 16 * 1024];
+            // Small: the chunk is zeroed on every read, and a delivery is a few hundred bytes.
+            let mut chunk = [0u8; 4096];
             let mut read = ReadBuf::new(&mut chunk);
             ready!(Pin::new(&mut this.tcp).poll_read(cx, &mut read))?;
             if read.filled().is_empty() {
