@@ -117,12 +117,6 @@ pub(crate) struct Inflater {
     inner: Decompress,
 }
 
-impl std::fmt::Debug for Inflater {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Inflater")
-    }
-}
-
 impl Inflater {
     fn new() -> Self {
         Self {
