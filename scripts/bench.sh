@@ -130,9 +130,10 @@ for s in "${scenarios[@]}"; do
       fi
       if [[ $parts == *" steady "* ]]; then
         # Latency at one rate (STEADY_RATE, 20 msg/s) to MISSION_SUBS (here 10,000) subscribers:
-        # four 5-second runs on the same connections, alternating rounds as in findmax. Where a
-        # search's p99 sits near its bound, whether a step passes is luck; this shows the p99
-        # itself, and the nodes' histograms show where it is spent.
+        # four 5-second runs on the same connections, alternating rounds as in findmax, for each
+        # path on the two nodes, then client publishes on one node with both cores, then the
+        # baseline. Where a search's p99 sits near its bound, whether a step passes is luck;
+        # this shows the p99 itself.
         rm -f "$out"/mission-steady-*
         rate=${STEADY_RATE:-20}
         for subs in ${MISSION_SUBS:-10000}; do
@@ -146,6 +147,14 @@ for s in "${scenarios[@]}"; do
               scrape "mission-steady-$subs-$via-$round"
               cleanup; pids=()
             done
+            # The same on one node with both cores (--workers 2), every subscriber on it: what
+            # splitting a burst over two single-worker processes costs the tail.
+            start_redis
+            p1=$(free_port); node "$p1" --instance-id single --redis-url "redis://127.0.0.1:$RP/" --workers 2
+            wait_http "http://127.0.0.1:$p1/readyz"
+            run "mission-steady-$subs-single-$round" $B fanout --url "ws://127.0.0.1:$p1/ws" -s "$subs" \
+              -p 1 --via ws -r "$rate" --payload-size 100 --duration 5s --steps 4
+            cleanup; pids=()
             run "mission-steady-$subs-baseline-$round" $B baseline fanout -s "$subs" -p 1 -r "$rate" \
               --payload-size 100 --duration 5s --steps 4
           done
