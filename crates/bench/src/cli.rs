@@ -254,7 +254,8 @@ pub struct FanoutLoad {
     #[arg(long, default_value = "3s", value_parser = duration)]
     pub drain_timeout: Duration,
     /// Without --find-max: runs of --duration (or --count) at --rate, back to back on the same
-    /// connections, each reported on its own (how much one measurement moves).
+    /// connections, each reported on its own (how much one measurement moves); the JSON line's
+    /// `result` is the first, `steps` holds them all.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub steps: u32,
     /// Step the rate up from --rate (times --step-factor) until a step loses a message, has a
