@@ -77,8 +77,6 @@ for s in "${scenarios[@]}"; do
         wait_http "http://127.0.0.1:$p1/readyz"; wait_http "http://127.0.0.1:$p2/readyz"
         URLS="ws://127.0.0.1:$p1/ws,ws://127.0.0.1:$p2/ws"
       }
-      # The nodes' own latency histograms (delivery lag, Redis hop), into $out/NAME-n1.metrics.
-      scrape() { curl -fsS "http://127.0.0.1:$p1/metrics" >"$out/$1-n1.metrics"; curl -fsS "http://127.0.0.1:$p2/metrics" >"$out/$1-n2.metrics"; }
       if [[ $parts == *" idle "* ]]; then
         # Idle memory with Redis: 5,000 connections on each of two fresh nodes, both held open.
         rm -f "$out"/mission-idle-*.txt
@@ -117,6 +115,8 @@ for s in "${scenarios[@]}"; do
         # alternating rounds (single runs swing by several ms on two shared cores).
         rm -f "$out"/mission-moderate-*.txt "$out"/mission-moderate-*.metrics
         cluster
+        # The nodes' own latency histograms around each run (delivery lag, Redis hop).
+        scrape() { curl -fsS "http://127.0.0.1:$p1/metrics" >"$out/$1-n1.metrics"; curl -fsS "http://127.0.0.1:$p2/metrics" >"$out/$1-n2.metrics"; }
         for round in $(seq 1 "${MODERATE_ROUNDS:-3}"); do
           for via in ws http redis; do
             scrape "mission-moderate-$via-$round-before"
@@ -135,16 +135,14 @@ for s in "${scenarios[@]}"; do
         # baseline. Where a search's p99 sits near its bound, whether a step passes is luck;
         # this shows the p99 itself.
         rm -f "$out"/mission-steady-*
-        rate=${STEADY_RATE:-20}
+        steady=(-r "${STEADY_RATE:-20}" --payload-size 100 --duration 5s --steps 4)
         for subs in ${MISSION_SUBS:-10000}; do
           for round in $(seq 1 "${MISSION_ROUNDS:-1}"); do
             for via in ${MISSION_VIAS:-ws http redis}; do
               publishers=1; [[ $via == http ]] && publishers=8
               cluster
               run "mission-steady-$subs-$via-$round" $B fanout --url "$URLS" -s "$subs" -p "$publishers" \
-                --via "$via" --redis-url "redis://127.0.0.1:$RP/" -r "$rate" --payload-size 100 \
-                --duration 5s --steps 4
-              scrape "mission-steady-$subs-$via-$round"
+                --via "$via" --redis-url "redis://127.0.0.1:$RP/" "${steady[@]}"
               cleanup; pids=()
             done
             # The same on one node with both cores (--workers 2), every subscriber on it: what
@@ -153,10 +151,9 @@ for s in "${scenarios[@]}"; do
             p1=$(free_port); node "$p1" --instance-id single --redis-url "redis://127.0.0.1:$RP/" --workers 2
             wait_http "http://127.0.0.1:$p1/readyz"
             run "mission-steady-$subs-single-$round" $B fanout --url "ws://127.0.0.1:$p1/ws" -s "$subs" \
-              -p 1 --via ws -r "$rate" --payload-size 100 --duration 5s --steps 4
+              -p 1 --via ws "${steady[@]}"
             cleanup; pids=()
-            run "mission-steady-$subs-baseline-$round" $B baseline fanout -s "$subs" -p 1 -r "$rate" \
-              --payload-size 100 --duration 5s --steps 4
+            run "mission-steady-$subs-baseline-$round" $B baseline fanout -s "$subs" -p 1 "${steady[@]}"
           done
         done
       fi

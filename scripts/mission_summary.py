@@ -129,9 +129,9 @@ def main(out):
     for f in sorted(os.listdir(out)):
         m = re.match(r"mission-steady-(\d+)-(\w+)-(\d+)\.txt$", f)
         if m and (r := load(out, f[len("mission-"):-len(".txt")])) is not None:
-            steady.setdefault((int(m.group(1)), m.group(2)), []).append((f[:-len(".txt")], r))
+            steady.setdefault((int(m.group(1)), m.group(2)), []).append(r)
     for (subs, via), runs in sorted(steady.items(), key=lambda kv: (kv[0][0], kv[0][1] == "baseline", kv[0][1])):
-        steps = [s for _, r in runs for s in r["steps"]]
+        steps = [s for r in runs for s in r["steps"]]
         p99s = [s["latency"]["p99_ms"] for s in steps]
         loss = sum(s["loss"] for s in steps)
         print(
@@ -139,16 +139,6 @@ def main(out):
             f"{statistics.median(s['latency']['p50_ms'] for s in steps):.1f}  p99 {statistics.median(p99s):.1f} "
             f"(median of {len(steps)} runs; range {min(p99s):.1f}-{max(p99s):.1f})  loss {loss}"
         )
-        lags = []
-        for node in ("n1", "n2"):
-            total = {}
-            for name, _ in runs:
-                for le, n in buckets(f"{out}/{name}-{node}.metrics", "pushgate_delivery_lag_seconds").items():
-                    total[le] = total.get(le, 0.0) + n
-            if (p99 := quantile(0.99, total)) is not None:
-                lags.append(f"{node} p50 {quantile(0.5, total) * 1000:.0f} p99 {p99 * 1000:.0f}")
-        if lags:
-            print(f"           nodes' delivery lag, ms (bucket-interpolated): {'; '.join(lags)}")
     r = load(out, "one-connection")
     if r is not None:
         print(
