@@ -421,11 +421,11 @@ const SETUPS: [Setup; 3] = [
 ];
 
 impl Setup {
-    /// The setup started with `--profile name`.
-    fn of_profile(name: &str) -> &'static Setup {
+    /// The setup started with `--profile name`, or without a profile for `None`.
+    fn of_profile(name: Option<&str>) -> &'static Setup {
         (SETUPS.iter())
-            .find(|setup| setup.profile == Some(name))
-            .unwrap_or_else(|| panic!("no setup has profile {name}"))
+            .find(|setup| setup.profile == name)
+            .unwrap_or_else(|| panic!("no setup has profile {name:?}"))
     }
 
     /// The nginx configuration its nginx mounts: deploy/nginx/render.sh's output for its nodes.
@@ -695,7 +695,7 @@ fn compose_cluster_profile_makes_a_cluster_of_its_members() {
         "the create service waits for every member"
     );
     // The nodes are seeded with every member.
-    for (name, svc) in compose.gateways_of(Setup::of_profile("cluster")) {
+    for (name, svc) in compose.gateways_of(Setup::of_profile(Some("cluster"))) {
         let env = compose_env(&svc["environment"]);
         let seeds: BTreeSet<String> = url_hosts(&env["PUSHGATE_REDIS_CLUSTER"])
             .into_iter()
@@ -719,7 +719,7 @@ fn compose_sentinel_profile_monitors_the_primary_the_nodes_ask_for() {
         .map(|(name, _)| name)
         .collect();
     assert_eq!(sentinels.len(), 3, "three sentinels: {sentinels:?}");
-    for (name, svc) in compose.gateways_of(Setup::of_profile("sentinel")) {
+    for (name, svc) in compose.gateways_of(Setup::of_profile(Some("sentinel"))) {
         let env = compose_env(&svc["environment"]);
         let master = &env["PUSHGATE_REDIS_SENTINEL_MASTER"];
         assert_eq!(
@@ -788,9 +788,7 @@ fn compose_gateway_env_names_are_real_flags() {
             assert!(env.contains_key(required), "{name} lacks {required}");
         }
         // Exactly one broker mode, the setup's own.
-        let setup = (SETUPS.iter())
-            .find(|setup| setup.profile == profile(svc).as_deref())
-            .expect("a known setup");
+        let setup = Setup::of_profile(profile(svc).as_deref());
         let modes: Vec<&str> = (SETUPS.iter())
             .map(|other| other.broker_var)
             .filter(|var| env.contains_key(*var))
